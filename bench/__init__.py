@@ -1,0 +1,1 @@
+"""Benchmarks, the model factory and the ComfyUI environment shared by tests, demo and benchmarks."""

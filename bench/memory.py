@@ -1,0 +1,45 @@
+"""Peak memory of a block of work: CUDA's allocator peak, or the process RSS sampled in a thread."""
+from __future__ import annotations
+
+import threading
+import time
+
+
+class PeakMemory:
+    """Context manager; `peak_mb` is the peak above the level at entry (CUDA: allocated bytes)."""
+
+    def __init__(self, device: str = "cpu", interval_s: float = 0.005):
+        self.device, self.interval_s = device, interval_s
+        self.peak_mb = 0.0
+
+    def __enter__(self):
+        if self.device == "cuda":
+            import torch
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._start = torch.cuda.memory_allocated()
+            return self
+        import psutil
+        self._proc = psutil.Process()
+        self._start = self._peak = self._proc.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self._peak = max(self._peak, self._proc.memory_info().rss)
+            time.sleep(self.interval_s)
+
+    def __exit__(self, *exc):
+        if self.device == "cuda":
+            import torch
+            torch.cuda.synchronize()
+            self.peak_mb = (torch.cuda.max_memory_allocated() - self._start) / 2**20
+        else:
+            self._stop.set()
+            self._thread.join()
+            self._peak = max(self._peak, self._proc.memory_info().rss)
+            self.peak_mb = (self._peak - self._start) / 2**20
+        return False

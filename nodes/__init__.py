@@ -1,0 +1,15 @@
+"""ComfyUI face of the pack: the only package that imports ComfyUI's node API."""
+from comfy_api.latest import ComfyExtension, io
+
+from .noop import OptimNoop
+
+NODES: list[type[io.ComfyNode]] = [OptimNoop]
+
+
+class OptimExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODES)
+
+
+async def comfy_entrypoint() -> OptimExtension:
+    return OptimExtension()

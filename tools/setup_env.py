@@ -1,0 +1,135 @@
+"""Provide what tests, demo and benchmarks need: a ComfyUI checkout and a virtual environment.
+
+ComfyUI comes from COMFYUI_PATH (used as is) or is cloned from COMFYUI_REPO at COMFYUI_REF into
+the cache folder. The virtual environment (OPTIM_VENV, default in the cache folder) gets torch and
+torchvision as a matching pair plus ComfyUI's requirements, torchaudio left out. Idempotent: a
+stamp records what was installed, and a second run does nothing.
+
+Usage: python3 tools/setup_env.py [--print-python]
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.comfy_env import (DEFAULT_COMFYUI_REPO, cached_checkout_dir, comfyui_ref,  # noqa: E402
+                             find_comfyui, is_comfyui_checkout, venv_dir)
+
+REACH_TIMEOUT_S = 50
+# Blobs that some mirrors of ComfyUI lack; none of them is needed by this pack or its tests.
+OPTIONAL_PATHS = ["comfy/text_encoders/llama_tokenizer/tokenizer.json"]
+# torch/torchvision are installed as a pair; torchaudio only serves ComfyUI's audio nodes.
+SKIPPED_REQUIREMENTS = {"torch", "torchvision", "torchaudio"}
+EXTRA_REQUIREMENTS = ["requests", "pytest"]  # requests: ComfyUI's frontend manager imports it
+
+
+def log(msg: str) -> None:
+    print(f"[setup] {msg}", flush=True)
+
+
+def fail(msg: str) -> None:
+    print(f"[setup] ERROR: {msg}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def git(*args: str, cwd: Path | None = None, timeout: float | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, GIT_TERMINAL_PROMPT="0")
+    return subprocess.run(["git", *args], cwd=cwd, env=env, timeout=timeout,
+                          capture_output=True, text=True)
+
+
+def clone_comfyui(dest: Path) -> None:
+    repo = os.environ.get("COMFYUI_REPO") or DEFAULT_COMFYUI_REPO
+    ref = comfyui_ref()
+    log(f"cloning ComfyUI from {repo} at {ref} into {dest}")
+    try:
+        probe = git("ls-remote", "--heads", repo, timeout=REACH_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        fail(f"COMFYUI_REPO={repo} did not answer within {REACH_TIMEOUT_S}s. "
+             "Set COMFYUI_PATH to an existing ComfyUI checkout, or COMFYUI_REPO to a reachable git source.")
+    if probe.returncode != 0:
+        fail(f"cannot reach COMFYUI_REPO={repo}: {probe.stderr.strip()[:300]}. "
+             "Set COMFYUI_PATH to an existing ComfyUI checkout, or COMFYUI_REPO to a reachable git source.")
+    tmp = dest.with_name(dest.name + ".partial")
+    subprocess.run(["rm", "-rf", str(tmp)], check=True)
+    done = git("clone", "-n", "-q", repo, str(tmp))
+    if done.returncode != 0:
+        fail(f"git clone of {repo} failed: {done.stderr.strip()[:300]}")
+    checkout = git("checkout", "-q", ref, cwd=tmp)
+    if checkout.returncode != 0:
+        # A source missing some large blobs: leave those files out of the work tree.
+        log("full checkout failed (" + checkout.stderr.strip().splitlines()[-1][:120]
+            + "); retrying without optional large files")
+        git("sparse-checkout", "set", "--no-cone", "/*", *[f"!/{p}" for p in OPTIONAL_PATHS], cwd=tmp)
+        checkout = git("checkout", "-q", ref, cwd=tmp)
+        if checkout.returncode != 0:
+            fail(f"cannot check out {ref} from {repo}: {checkout.stderr.strip()[:300]}")
+    tmp.rename(dest)
+
+
+def ensure_comfyui() -> Path:
+    root, why = find_comfyui()
+    if root is not None:
+        log(f"ComfyUI: {root}")
+        return root
+    if os.environ.get("COMFYUI_PATH"):
+        fail(why)
+    dest = cached_checkout_dir()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    clone_comfyui(dest)
+    if not is_comfyui_checkout(dest):
+        fail(f"{dest} does not look like ComfyUI after checkout")
+    return dest
+
+
+def requirements(comfy: Path) -> list[str]:
+    reqs = []
+    for line in (comfy / "requirements.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        name = line.split(";")[0]
+        for sep in "<>=~![ ":
+            name = name.split(sep)[0]
+        if name.lower() not in SKIPPED_REQUIREMENTS:
+            reqs.append(line)
+    return ["torch", "torchvision", *reqs, *EXTRA_REQUIREMENTS]
+
+
+def venv_python() -> Path:
+    return venv_dir() / "bin" / "python"
+
+
+def ensure_venv(comfy: Path) -> Path:
+    reqs = requirements(comfy)
+    stamp_value = hashlib.sha256("\n".join(reqs).encode()).hexdigest()
+    stamp = venv_dir() / ".optim-stamp"
+    py = venv_python()
+    if py.exists() and stamp.exists() and stamp.read_text().strip() == stamp_value:
+        log(f"virtual environment up to date: {venv_dir()}")
+        return py
+    if not py.exists():
+        log(f"creating virtual environment {venv_dir()}")
+        venv.EnvBuilder(with_pip=True).create(venv_dir())
+    log("installing torch + torchvision (a matching pair) and ComfyUI's requirements (no torchaudio)")
+    pip = [str(py), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "torch", "torchvision"], check=True)
+    subprocess.run([*pip, *reqs[2:]], check=True)
+    stamp.write_text(stamp_value + "\n")
+    return py
+
+
+def main() -> None:
+    comfy = ensure_comfyui()
+    py = ensure_venv(comfy)
+    if "--print-python" in sys.argv:
+        print(py)
+
+
+if __name__ == "__main__":
+    main()
