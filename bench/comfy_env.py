@@ -78,8 +78,17 @@ def load_comfyui_in_process(base_directory: Path | None = None, device: str = "c
     if base_directory is not None:
         args.base_directory = str(base_directory)  # folder_paths reads it at import
     import asyncio
+    import logging
     import nodes as comfy_nodes
-    asyncio.run(comfy_nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    # Built-in nodes whose optional dependencies are absent (torchaudio) log long tracebacks here;
+    # main.py summarises them, and so do we: keep only errors while they load.
+    root_logger = logging.getLogger()
+    level = root_logger.level
+    root_logger.setLevel(logging.ERROR)
+    try:
+        asyncio.run(comfy_nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    finally:
+        root_logger.setLevel(level)
     ok = asyncio.run(comfy_nodes.load_custom_node(str(REPO_ROOT), module_parent="custom_nodes"))
     if not ok:
         raise RuntimeError(f"ComfyUI at {root} could not load the pack from {REPO_ROOT}")

@@ -5,7 +5,10 @@ the cache folder. The virtual environment (OPTIM_VENV, default in the cache fold
 torchvision as a matching pair plus ComfyUI's requirements, torchaudio left out. Idempotent: a
 stamp records what was installed, and a second run does nothing.
 
-Usage: python3 tools/setup_env.py [--print-python]
+Usage: python3 tools/setup_env.py [--comfyui-optional] [--print-python]
+  --comfyui-optional  when no ComfyUI can be had, warn and set up the environment for the unit
+                      tests only (the ComfyUI-dependent tests then skip) instead of failing
+  --print-python      only print the virtual environment's python; change nothing
 """
 from __future__ import annotations
 
@@ -26,6 +29,12 @@ OPTIONAL_PATHS = ["comfy/text_encoders/llama_tokenizer/tokenizer.json"]
 # torch/torchvision are installed as a pair; torchaudio only serves ComfyUI's audio nodes.
 SKIPPED_REQUIREMENTS = {"torch", "torchvision", "torchaudio"}
 EXTRA_REQUIREMENTS = ["requests", "pytest"]  # requests: ComfyUI's frontend manager imports it
+# What the unit tests need when no ComfyUI (and so no requirements.txt) is available.
+STANDALONE_REQUIREMENTS = ["torch", "numpy", "pillow", "psutil", "safetensors", "pytest"]
+
+
+class NoComfyUI(Exception):
+    pass
 
 
 def log(msg: str) -> None:
@@ -33,8 +42,7 @@ def log(msg: str) -> None:
 
 
 def fail(msg: str) -> None:
-    print(f"[setup] ERROR: {msg}", file=sys.stderr, flush=True)
-    sys.exit(2)
+    raise NoComfyUI(msg)
 
 
 def git(*args: str, cwd: Path | None = None, timeout: float | None = None) -> subprocess.CompletedProcess:
@@ -105,8 +113,8 @@ def venv_python() -> Path:
     return venv_dir() / "bin" / "python"
 
 
-def ensure_venv(comfy: Path) -> Path:
-    reqs = requirements(comfy)
+def ensure_venv(comfy: Path | None) -> Path:
+    reqs = requirements(comfy) if comfy else STANDALONE_REQUIREMENTS
     stamp_value = hashlib.sha256("\n".join(reqs).encode()).hexdigest()
     stamp = venv_dir() / ".optim-stamp"
     py = venv_python()
@@ -116,20 +124,30 @@ def ensure_venv(comfy: Path) -> Path:
     if not py.exists():
         log(f"creating virtual environment {venv_dir()}")
         venv.EnvBuilder(with_pip=True).create(venv_dir())
-    log("installing torch + torchvision (a matching pair) and ComfyUI's requirements (no torchaudio)")
+    log("installing torch + torchvision (a matching pair) and ComfyUI's requirements (no torchaudio)"
+        if comfy else "installing what the unit tests need (no ComfyUI)")
     pip = [str(py), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
-    subprocess.run([*pip, "torch", "torchvision"], check=True)
-    subprocess.run([*pip, *reqs[2:]], check=True)
+    subprocess.run([*pip, *reqs], check=True)
     stamp.write_text(stamp_value + "\n")
     return py
 
 
-def main() -> None:
-    comfy = ensure_comfyui()
-    py = ensure_venv(comfy)
+def main() -> int:
     if "--print-python" in sys.argv:
-        print(py)
+        print(venv_python())
+        return 0
+    try:
+        comfy = ensure_comfyui()
+    except NoComfyUI as e:
+        if "--comfyui-optional" not in sys.argv:
+            print(f"[setup] ERROR: {e}", file=sys.stderr, flush=True)
+            return 2
+        print(f"[setup] WARNING: {e}\n[setup] continuing without ComfyUI: its tests will skip",
+              file=sys.stderr, flush=True)
+        comfy = None
+    ensure_venv(comfy)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

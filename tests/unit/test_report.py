@@ -1,0 +1,32 @@
+"""Results files become the README's tables."""
+import math
+
+import pytest
+
+from bench import report
+
+
+def result(technique="noop", family="sd15", speedup=1.01, psnr=math.inf):
+    return {"technique": technique, "family": family, "size": "bench", "steps": 20, "device": "cpu",
+            "weights": "generated", "versions": {"cpu_count": 2},
+            "baseline": {"model_calls": 20, "peak_mem_mb": 100.0},
+            "optimized": {"model_calls": 20, "peak_mem_mb": 101.0},
+            "speedup": speedup, "psnr_latent_db": psnr, "psnr_image_db": psnr, "ssim_image": 1.0}
+
+
+def test_table_has_a_row_per_result_with_its_figures():
+    table = report.markdown_tables([result(), result(family="flux", speedup=0.98, psnr=31.234)])
+    lines = table.splitlines()
+    assert len(lines) == 4
+    assert "| noop | flux (generated) | bench | 20 | cpu (2 cores) | 0.98x | 20 -> 20 | 31.23 |" in table
+    assert "| inf | inf | 1.0000 | 100 / 101 |" in lines[3]
+
+
+def test_update_readme_replaces_only_the_marked_section(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{report.BEGIN}\nold\n{report.END}\noutro\n")
+    report.update_readme(readme, "NEW TABLE")
+    assert readme.read_text() == f"intro\n{report.BEGIN}\nNEW TABLE\n{report.END}\noutro\n"
+    (tmp_path / "bad.md").write_text("no markers")
+    with pytest.raises(ValueError, match="no <!-- bench:begin -->"):
+        report.update_readme(tmp_path / "bad.md", "x")
