@@ -122,7 +122,8 @@ def run(settings: RunSettings, log=print) -> dict:
             log(f"  repeat {r + 1}/{settings.repeats} {name:9s} {times[name][-1]:.3f} s, "
                 f"{calls[name]} model calls")
 
-    images = {name: vae.decode(lat).float().cpu() for name, lat in latents.items()}
+    with torch.inference_mode():
+        images = {name: vae.decode(lat).float().cpu() for name, lat in latents.items()}
     med = {name: statistics.median(t) for name, t in times.items()}
     result = {
         "technique": tech.name, "family": fam.name, "size": settings.size,

@@ -16,7 +16,7 @@ def psnr(reference: torch.Tensor, candidate: torch.Tensor, data_range: float | N
     images in ComfyUI's IMAGE format use 1.0)."""
     if reference.shape != candidate.shape:
         raise ValueError(f"shape mismatch: {tuple(reference.shape)} vs {tuple(candidate.shape)}")
-    ref, cand = reference.double(), candidate.double()
+    ref, cand = reference.detach().double(), candidate.detach().double()
     mse = float(torch.mean((ref - cand) ** 2))
     if mse == 0.0:
         return math.inf
@@ -41,7 +41,7 @@ def ssim(reference: torch.Tensor, candidate: torch.Tensor, data_range: float = 1
     if reference.dim() < 3:
         raise ValueError("ssim expects images shaped [..., H, W, C]")
     h, w, c = reference.shape[-3:]
-    to_nchw = lambda t: t.double().reshape(-1, h, w, c).permute(0, 3, 1, 2).reshape(-1, 1, h, w)
+    to_nchw = lambda t: t.detach().double().reshape(-1, h, w, c).permute(0, 3, 1, 2).reshape(-1, 1, h, w)
     x, y = to_nchw(reference), to_nchw(candidate)
     size = min(11, h, w)
     window = _gaussian_window(size).to(x)[None, None]
