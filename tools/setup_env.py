@@ -118,7 +118,10 @@ def ensure_venv(comfy: Path | None) -> Path:
     stamp_value = hashlib.sha256("\n".join(reqs).encode()).hexdigest()
     stamp = venv_dir() / ".optim-stamp"
     py = venv_python()
-    if py.exists() and stamp.exists() and stamp.read_text().strip() == stamp_value:
+    # The stamp lists every requirement set installed so far, so switching between the set with
+    # ComfyUI and the one without does not reinstall.
+    installed = stamp.read_text().split() if stamp.exists() else []
+    if py.exists() and stamp_value in installed:
         log(f"virtual environment up to date: {venv_dir()}")
         return py
     if not py.exists():
@@ -128,7 +131,7 @@ def ensure_venv(comfy: Path | None) -> Path:
         if comfy else "installing what the unit tests need (no ComfyUI)")
     pip = [str(py), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
     subprocess.run([*pip, *reqs], check=True)
-    stamp.write_text(stamp_value + "\n")
+    stamp.write_text("\n".join([*installed, stamp_value]) + "\n")
     return py
 
 
