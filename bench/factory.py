@@ -41,6 +41,11 @@ class Family:
     notes: str = ""
 
 
+def sd_unet_config(channels, mult, res_blocks, depth, depth_mid, context, linear, heads=None,
+                   head_ch=None, adm=None) -> dict:
+    return _sd_unet(channels, mult, res_blocks, depth, depth_mid, context, linear, heads, head_ch, adm)
+
+
 def _sd_unet(channels, mult, res_blocks, depth, depth_mid, context, linear, heads=None, head_ch=None,
              adm=None):
     """A UNetModel config in the layout ComfyUI's detection produces."""
@@ -228,27 +233,31 @@ def fill_module(module: torch.nn.Module, seed: int) -> torch.nn.Module:
 # ---------------------------------------------------------------------------------------------
 # Models
 
-def model_config(fam: Family, size: str, dtype=torch.float32):
+def model_config(fam: Family, size: str, dtype=torch.float32, unet_config: dict | None = None):
     import comfy.supported_models
     cls = getattr(comfy.supported_models, fam.model_class)
-    cfg = cls(dict(fam.configs[size]))
+    cfg = cls(dict(unet_config if unet_config is not None else fam.configs[size]))
     cfg.set_inference_dtype(dtype, None)
     return cfg
 
 
-def build_model(name: str, size: str = "tiny", seed: int = 0, dtype=torch.float32):
-    """A ComfyUI ModelPatcher around a freshly built model of `name` at `size`."""
+def build_model(name: str, size: str = "tiny", seed: int = 0, dtype=torch.float32,
+                unet_config: dict | None = None, calibrate: bool = True):
+    """A ComfyUI ModelPatcher around a freshly built model of `name` at `size` (or, for tests that
+    need another layout of the family, at `unet_config`; pass calibrate=False when its text width
+    differs from the family's, or when its weights are replaced anyway)."""
     import comfy.model_management as mm
     import comfy.model_patcher
     fam = family(name)
     if size not in fam.configs:
         raise KeyError(f"unknown size {size!r}; known: {', '.join(fam.configs)}")
-    cfg = model_config(fam, size, dtype)
+    cfg = model_config(fam, size, dtype, unet_config)
     model = cfg.get_model({})
     fill_module(model.diffusion_model, seed)
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
                                                offload_device=mm.unet_offload_device())
-    _calibrate_output_scale(patcher, fam, size, seed)
+    if calibrate:
+        _calibrate_output_scale(patcher, fam, size, seed)
     model.diffusion_model.to(dtype)
     return patcher
 

@@ -25,8 +25,15 @@ class Technique:
         return out.result[0]
 
 
+UNET_FAMILIES = ("sd15", "sdxl")
+
 TECHNIQUES: dict[str, Technique] = {t.name: t for t in [
     Technique("noop", "OptimNoop", "pass-through hook on every model call (control: expect 1.0x, inf dB)"),
+    *[Technique(f"deepcache{n}", "OptimDeepCache",
+                f"DeepCache, full UNet every {n} steps, shallowest branch (reference: 2.33x / 3.24x at 3 / 5)",
+                {"cache_interval": n, "cache_branch_id": 0, "skip_mode": "uniform", "start_percent": 0.0,
+                 "end_percent": 1.0, "center": 15, "power": 1.4}, families=UNET_FAMILIES)
+      for n in (3, 5)],
 ]}
 
 

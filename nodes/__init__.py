@@ -1,9 +1,10 @@
 """ComfyUI face of the pack: the only package that imports ComfyUI's node API."""
 from comfy_api.latest import ComfyExtension, io
 
+from .deepcache import OptimDeepCache
 from .noop import OptimNoop
 
-NODES: list[type[io.ComfyNode]] = [OptimNoop]
+NODES: list[type[io.ComfyNode]] = [OptimNoop, OptimDeepCache]
 
 
 class OptimExtension(ComfyExtension):

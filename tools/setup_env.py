@@ -28,7 +28,8 @@ REACH_TIMEOUT_S = 50
 OPTIONAL_PATHS = ["comfy/text_encoders/llama_tokenizer/tokenizer.json"]
 # torch/torchvision are installed as a pair; torchaudio only serves ComfyUI's audio nodes.
 SKIPPED_REQUIREMENTS = {"torch", "torchvision", "torchaudio"}
-EXTRA_REQUIREMENTS = ["requests", "pytest"]  # requests: ComfyUI's frontend manager imports it
+EXTRA_REQUIREMENTS = ["requests", "pytest",  # requests: ComfyUI's frontend manager imports it
+                      "diffusers", "DeepCache"]  # test-only: the reference DeepCache runs on diffusers
 # What the unit tests need when no ComfyUI (and so no requirements.txt) is available.
 STANDALONE_REQUIREMENTS = ["torch", "numpy", "pillow", "psutil", "safetensors", "pytest"]
 

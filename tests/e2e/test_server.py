@@ -75,3 +75,41 @@ def test_runtime_failure_reaches_history_as_execution_error(server):
     err = execution_error(entry)
     assert err is not None and err["node_type"] == "KSampler"
     assert err["exception_message"]
+
+
+def test_deepcache_graph_runs_and_changes_only_what_it_caches(server):
+    plain = server.run(graphs.txt2img("sd15", steps=9, filename_prefix="dc-plain"))
+    cached = server.run(graphs.txt2img("sd15", steps=9, filename_prefix="dc-cached", optim=[
+        ("OptimDeepCache", {"cache_interval": 3, "cache_branch_id": 0, "skip_mode": "uniform",
+                            "start_percent": 0.0, "end_percent": 1.0, "center": 15, "power": 1.4})]))
+    off = server.run(graphs.txt2img("sd15", steps=9, filename_prefix="dc-off", optim=[
+        ("OptimDeepCache", {"cache_interval": 1, "cache_branch_id": 0, "skip_mode": "uniform",
+                            "start_percent": 0.0, "end_percent": 1.0, "center": 15, "power": 1.4})]))
+    assert execution_error(cached) is None
+    a, b, c = (pixels(server.output_images(e, "save")) for e in (plain, cached, off))
+    assert not np.array_equal(a, b)
+    assert np.array_equal(a, c)
+    assert "DeepCache (interval 3, branch 0, uniform): 3 full and 6 shallow UNet calls" in server.log()
+
+
+@pytest.mark.parametrize("inputs,error_type", [
+    ({"cache_interval": 0}, "value_smaller_than_min"),
+    ({"start_percent": 0.7, "end_percent": 0.2}, "custom_validation_failed"),
+    ({"skip_mode": "sometimes"}, "custom_validation_failed"),  # ComfyUI 0.3.64 skips V3 combo checks
+])
+def test_deepcache_bad_inputs_are_rejected_at_validation(server, inputs, error_type):
+    params = {"cache_interval": 3, "cache_branch_id": 0, "skip_mode": "uniform", "start_percent": 0.0,
+              "end_percent": 1.0, "center": 15, "power": 1.4, **inputs}
+    status, body = server.queue(graphs.txt2img("sd15", optim=[("OptimDeepCache", params)]))
+    assert status == 400
+    errors = body["node_errors"]["optim0"]["errors"]
+    assert any(e["type"] == error_type for e in errors), errors
+
+
+def test_deepcache_on_a_dit_passes_through_with_a_warning(server):
+    plain = server.run(graphs.txt2img("sd3", filename_prefix="sd3-plain"))
+    dc = server.run(graphs.txt2img("sd3", filename_prefix="sd3-dc", optim=[
+        ("OptimDeepCache", {"cache_interval": 3, "cache_branch_id": 0, "skip_mode": "uniform",
+                            "start_percent": 0.0, "end_percent": 1.0, "center": 15, "power": 1.4})]))
+    assert np.array_equal(pixels(server.output_images(plain, "save")), pixels(server.output_images(dc, "save")))
+    assert re.search(r"OptimDeepCache: SD3 \(\w+\) is not a UNet model", server.log())

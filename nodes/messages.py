@@ -1,0 +1,27 @@
+"""Per-run statistics sent to the frontend (keyed by node id) and kept for the log."""
+import logging
+
+EVENT = "comfyui-optim.stats"
+
+
+def stats_sender(node_id, technique: str):
+    """A callback for an optim hook's end of run: forwards its stats to the frontend, if a server
+    is running (in-process use, tests and benchmarks, has none)."""
+    def send(stats: dict) -> None:
+        try:
+            from server import PromptServer
+            instance = getattr(PromptServer, "instance", None)
+        except ImportError:
+            instance = None
+        if instance is None or node_id is None:
+            return
+        try:
+            instance.send_sync(EVENT, {"node": str(node_id), "technique": technique, "stats": stats})
+        except Exception as e:  # a lost statistics message must never fail the user's run
+            logging.getLogger("comfyui-optim").debug("could not send stats: %s", e)
+    return send
+
+
+def node_id_of(cls):
+    hidden = getattr(cls, "hidden", None)
+    return getattr(hidden, "unique_id", None) if hidden is not None else None

@@ -1,0 +1,25 @@
+"""Which sampling step a model call belongs to, counted from sigmas rather than from calls.
+
+Second-order samplers (heun, dpmpp_2s_ancestral, ...) call the model more than once per step, and
+ComfyUI may split cond and uncond into separate calls, so counting calls miscounts steps. ComfyUI
+puts the whole schedule (`sample_sigmas`) and the current sigma of each batch item (`sigmas`) into
+transformer_options; the step is the schedule entry nearest to the current sigma.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def step_index(transformer_options: dict) -> int | None:
+    """Index of the current step in the run's schedule, or None outside a sampling run."""
+    schedule = transformer_options.get("sample_sigmas")
+    sigmas = transformer_options.get("sigmas")
+    if schedule is None or sigmas is None:
+        return None
+    sigma = sigmas.detach().flatten()[0].to(schedule.device, schedule.dtype)
+    return int(torch.argmin((schedule - sigma).abs()))
+
+
+def num_steps(transformer_options: dict) -> int | None:
+    schedule = transformer_options.get("sample_sigmas")
+    return None if schedule is None else max(len(schedule) - 1, 1)
