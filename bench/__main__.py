@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--repeats", type=_positive, default=3)
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    run.add_argument("--no-flops", action="store_true", help="skip the untimed FLOP-counting runs")
     run.add_argument("--params", type=_params, default={}, help="node inputs as a JSON object")
     run.add_argument("--out", type=Path, default=None, help="results file (default bench/results/...)")
     report = sub.add_parser("report", help="turn bench/results/*.json into the README tables")
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "list":
         print("techniques:")
         for t in techniques.TECHNIQUES.values():
-            print(f"  {t.name:12s} node {t.node_id:14s} {t.description}")
+            print(f"  {t.name:18s} {t.node_ids:30s} {t.description}")
         print("model families (sizes tiny/bench/full):")
         for f in factory.FAMILIES.values():
             print(f"  {f.name:14s} {f.notes}")
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         technique=args.technique, family=args.model, size=args.size, steps=args.steps, cfg=args.cfg,
         sampler=args.sampler, scheduler=args.scheduler, width=args.width, height=args.height,
         frames=args.frames, batch=args.batch, seed=args.seed, repeats=args.repeats,
-        device=args.device, params=args.params)
+        device=args.device, params=args.params, count_flops=not args.no_flops)
     result = runner.run(settings)
     print(runner.summary(result))
     print(f"saved {runner.save(result, args.out)}")

@@ -35,6 +35,7 @@ class RunSettings:
     seed: int = 0
     repeats: int = 3
     device: str = "cpu"
+    count_flops: bool = True      # one extra untimed run per arm under torch's FLOP counter
     params: dict = field(default_factory=dict)
 
     def resolved(self):
@@ -56,6 +57,27 @@ def _count_calls(model, counter: list):
 
     counted.add_wrapper_with_key("apply_model", COUNTER_KEY, count)
     return counted
+
+
+def technique_stats(model) -> dict:
+    """What each technique's controller reported for its last run (found through the wrappers it
+    installed: bound methods of the controller)."""
+    out = {}
+    for keyed in model.wrappers.values():
+        for key, fns in keyed.items():
+            for fn in fns:
+                stats = getattr(getattr(fn, "__self__", None), "last_stats", None)
+                if stats is not None:
+                    out[key] = stats
+    return out
+
+
+def count_flops(fn) -> int:
+    """FLOPs of matrix products, convolutions and attention that `fn()` runs."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
 
 
 def _versions() -> dict:
@@ -124,6 +146,11 @@ def run(settings: RunSettings, log=print) -> dict:
 
     with torch.inference_mode():
         images = {name: vae.decode(lat).float().cpu() for name, lat in latents.items()}
+    stats = technique_stats(arms["optimized"])  # before the FLOP-counting runs overwrite them
+    flops = {}
+    if settings.count_flops:
+        log("counting FLOPs (one untimed run per arm) ...")
+        flops = {name: count_flops(lambda m=models[name]: sample(m, settings.steps)) for name in arms}
     med = {name: statistics.median(t) for name, t in times.items()}
     result = {
         "technique": tech.name, "family": fam.name, "size": settings.size,
@@ -139,6 +166,9 @@ def run(settings: RunSettings, log=print) -> dict:
                       "model_calls": calls["optimized"], "peak_mem_mb": max(peaks["optimized"])},
         "speedup": med["baseline"] / med["optimized"],
         "model_calls_skipped": calls["baseline"] - calls["optimized"],
+        "flops": flops,
+        "flops_ratio": (flops["baseline"] / flops["optimized"]) if flops.get("optimized") else None,
+        "technique_stats": stats,
         "psnr_latent_db": psnr(latents["baseline"].float(), latents["optimized"].float()),
         "psnr_image_db": psnr(images["baseline"], images["optimized"], data_range=1.0),
         "ssim_image": ssim(images["baseline"], images["optimized"]),
@@ -160,6 +190,10 @@ def summary(result: dict) -> str:
         f"optimized {o['median_s']:.3f} s  ->  speedup {result['speedup']:.3f}x",
         f"  model calls: baseline {b['model_calls']}, optimized {o['model_calls']} "
         f"(skipped {result['model_calls_skipped']})",
+        *([f"  FLOPs (matmul/conv/attention): baseline {result['flops']['baseline'] / 1e12:.2f} T, "
+           f"optimized {result['flops']['optimized'] / 1e12:.2f} T  ->  {result['flops_ratio']:.2f}x fewer"]
+          if result.get("flops") else []),
+        *[f"  {key}: {json.dumps(value)}" for key, value in result.get("technique_stats", {}).items()],
         f"  fidelity vs baseline: latent PSNR {fmt_db(result['psnr_latent_db'])} dB, image PSNR "
         f"{fmt_db(result['psnr_image_db'])} dB, image SSIM {result['ssim_image']:.4f}",
         f"  peak memory above start ({'CUDA allocated' if result['device'] == 'cuda' else 'process RSS'}): "

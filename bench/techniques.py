@@ -1,39 +1,53 @@
 """The registry of benchmarkable techniques.
 
-A technique is applied exactly as a user's graph applies it: through the pack's node class as
-ComfyUI registered it, on the model the baseline uses. Later issues add their techniques here.
+A technique is applied exactly as a user's graph applies it: through the pack's node classes as
+ComfyUI registered them (a stack of MODEL -> MODEL nodes, in order), on the model the baseline
+uses. Later issues add their techniques here.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
+
+UNET_FAMILIES = ("sd15", "sdxl")
+DEEPCACHE = {"cache_branch_id": 0, "skip_mode": "uniform", "start_percent": 0.0, "end_percent": 1.0,
+             "center": 15, "power": 1.4}
+TGATE = {"gate_percent": 0.4, "gate_step": -1, "self_attn_interval": 0, "drop_uncond": True}
 
 
 @dataclass(frozen=True)
 class Technique:
     name: str
-    node_id: str                          # the pack node that applies it (MODEL -> MODEL)
     description: str
-    params: dict[str, Any] = field(default_factory=dict)  # node inputs besides the model
-    families: tuple[str, ...] | None = None               # None: every family
+    stack: tuple[tuple[str, dict[str, Any]], ...]   # (node id, inputs besides the model), applied in order
+    families: tuple[str, ...] | None = None         # None: every family
+
+    @property
+    def node_ids(self) -> str:
+        return " + ".join(node_id for node_id, _ in self.stack)
 
     def apply(self, model, overrides: dict[str, Any] | None = None):
-        """Run the node on `model` and return the patched MODEL it outputs."""
+        """Run the stack on `model` and return the patched MODEL; `overrides` go to every node that
+        has such an input."""
         import nodes as comfy_nodes
-        node_cls = comfy_nodes.NODE_CLASS_MAPPINGS[self.node_id]
-        out = node_cls.execute(model=model, **{**self.params, **(overrides or {})})
-        return out.result[0]
+        for node_id, params in self.stack:
+            node_cls = comfy_nodes.NODE_CLASS_MAPPINGS[node_id]
+            inputs = {**params, **{k: v for k, v in (overrides or {}).items() if k in params}}
+            model = node_cls.execute(model=model, **inputs).result[0]
+        return model
 
-
-UNET_FAMILIES = ("sd15", "sdxl")
 
 TECHNIQUES: dict[str, Technique] = {t.name: t for t in [
-    Technique("noop", "OptimNoop", "pass-through hook on every model call (control: expect 1.0x, inf dB)"),
-    *[Technique(f"deepcache{n}", "OptimDeepCache",
-                f"DeepCache, full UNet every {n} steps, shallowest branch (reference: 2.33x / 3.24x at 3 / 5)",
-                {"cache_interval": n, "cache_branch_id": 0, "skip_mode": "uniform", "start_percent": 0.0,
-                 "end_percent": 1.0, "center": 15, "power": 1.4}, families=UNET_FAMILIES)
-      for n in (3, 5)],
+    Technique("noop", "pass-through hook on every model call (control: expect 1.0x, inf dB)",
+              (("OptimNoop", {}),)),
+    Technique("deepcache3", "DeepCache, full UNet every 3 steps, branch 0 (reference: 2.33x on SD2.1)",
+              (("OptimDeepCache", {"cache_interval": 3, **DEEPCACHE}),), UNET_FAMILIES),
+    Technique("deepcache5", "DeepCache, full UNet every 5 steps, branch 0 (reference: 3.24x on SD2.1)",
+              (("OptimDeepCache", {"cache_interval": 5, **DEEPCACHE}),), UNET_FAMILIES),
+    Technique("tgate", "T-GATE, gate at 40% of the steps, unconditional pass dropped after it",
+              (("OptimTGate", TGATE),), UNET_FAMILIES),
+    Technique("tgate_deepcache3", "T-GATE (gate 0.4) stacked on DeepCache (interval 3, branch 0)",
+              (("OptimDeepCache", {"cache_interval": 3, **DEEPCACHE}), ("OptimTGate", TGATE)), UNET_FAMILIES),
 ]}
 
 

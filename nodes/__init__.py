@@ -3,8 +3,9 @@ from comfy_api.latest import ComfyExtension, io
 
 from .deepcache import OptimDeepCache
 from .noop import OptimNoop
+from .tgate import OptimTGate
 
-NODES: list[type[io.ComfyNode]] = [OptimNoop, OptimDeepCache]
+NODES: list[type[io.ComfyNode]] = [OptimNoop, OptimDeepCache, OptimTGate]
 
 
 class OptimExtension(ComfyExtension):

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from . import steps as step_counter
+from .module_views import make_view
 
 KEY = "comfyui-optim.deepcache"
 SKIP_MODES = ("uniform", "non-uniform")
@@ -121,6 +122,21 @@ class _Run:
         self.first_eligible: int | None = None
         self.stats = RunStats()
 
+    def derive(self, key: tuple) -> None:
+        """Cache entries for a batch made of chunks of a cached one (T-GATE drops the uncond
+        chunk after its gate; ComfyUI may split cond and uncond when memory is short)."""
+        chunks, shape, dtype = key
+        for (c_chunks, c_shape, c_dtype), feature in list(self.features.items()):
+            if c_dtype != dtype or not chunks or not set(chunks) <= set(c_chunks) \
+                    or c_shape[0] * len(chunks) != shape[0] * len(c_chunks) or c_shape[1:] != shape[1:]:
+                continue
+            per = feature.shape[0] // len(c_chunks)
+            self.features[key] = torch.cat([feature[c_chunks.index(c) * per:(c_chunks.index(c) + 1) * per]
+                                            for c in chunks])
+            self.shapes[key] = {k: ((v[0][0] // len(c_chunks) * len(chunks), *v[0][1:]), v[1])
+                                for k, v in self.shapes[(c_chunks, c_shape, c_dtype)].items()}
+            return
+
     def is_full_step(self, step: int | None, transformer_options: dict) -> bool:
         if step is None:
             return True
@@ -202,6 +218,8 @@ class DeepCache:
         step = step_counter.step_index(to)
         key = (tuple(to.get("cond_or_uncond", ())), tuple(x.shape), x.dtype)
         full = run.is_full_step(step, to)
+        if not full and key not in run.features:
+            run.derive(key)
         if not full and (control is not None or key not in run.features):
             full = True  # ControlNet residuals reach deep blocks; or nothing cached for this batch yet
             run.stats.fallbacks += 1
@@ -259,19 +277,15 @@ def _placeholder_block(ctl: DeepCache, kind: str, index: int) -> list:
     return [_Placeholder(ctl, kind, index)]
 
 
+def _iterate_through_controller(self):
+    return self.__dict__["_deepcache"].blocks_for(self.__dict__["_deepcache_kind"],
+                                                  list(self._modules.values()))
+
+
 def _iteration_view(original: torch.nn.Module, ctl: DeepCache, kind: str) -> torch.nn.Module:
-    """A module of the original's class that shares its children but iterates through the
-    controller. Only iteration changes; parameters, keys and `len` are the original's."""
-    cls = type(original)
-    view_cls = type(f"DeepCache{cls.__name__}", (cls,),
-                    {"__iter__": lambda self: self.__dict__["_deepcache"].blocks_for(
-                        self.__dict__["_deepcache_kind"], list(self._modules.values()))})
-    view = cls.__new__(view_cls)
-    torch.nn.Module.__init__(view)
-    view._modules = original._modules
-    view.__dict__["_deepcache"] = ctl
-    view.__dict__["_deepcache_kind"] = kind
-    return view
+    """The block list (or middle block) with the same children, iterated through the controller."""
+    return make_view(original, "DeepCache", {"__iter__": _iterate_through_controller},
+                     _deepcache=ctl, _deepcache_kind=kind)
 
 
 def supports(diffusion_model) -> bool:
