@@ -30,6 +30,7 @@ class Family:
     configs: dict[str, dict]             # size -> unet_config
     latent_channels: int
     video: bool = False
+    frames_as_batch: bool = False        # SVD: video frames are the batch of a 4D latent
     temporal_ratio: int = 1              # video latents: frames = (F - 1) // ratio + 1
     spatial_ratio: int = 8
     context: tuple[int, int] = (77, 768)  # (tokens, width) of the text conditioning
@@ -71,6 +72,13 @@ def _sd_unet(channels, mult, res_blocks, depth, depth_mid, context, linear, head
     else:
         cfg["num_head_channels"] = head_ch
     return cfg
+
+
+def _svd(channels, mult=(1, 2, 4, 4)):
+    cfg = _sd_unet(channels, list(mult), 2, [1, 1, 1, 0], 1, 1024, True, head_ch=64, adm=768)
+    return {**cfg, "in_channels": 8, "use_temporal_attention": True, "use_temporal_resblock": True,
+            "extra_ff_mix_layer": True, "use_spatial_context": True, "merge_strategy": "learned_with_images",
+            "merge_factor": 0.0, "video_kernel_size": [3, 1, 1], "disable_temporal_crossattention": False}
 
 
 def _flux(hidden, heads, depth, single, context=4096):
@@ -128,6 +136,12 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
         "full": _sd_unet(320, [1, 2, 4], 2, [0, 2, 10], 10, 2048, True, head_ch=64, adm=2816),
     }, latent_channels=4, context=(77, 2048), pooled=1280, detectable=("bench", "full"),
         output_layer="out.2", notes="bench is the real SDXL UNet (2.6B parameters)"),
+    Family("svd", "SVD_img2vid", {
+        "tiny": _svd(64, (1, 1, 2, 2)),
+        "bench": _svd(320),
+        "full": _svd(320),
+    }, latent_channels=4, frames_as_batch=True, context=(1, 1024), output_layer="out.2",
+        notes="Stable Video Diffusion UNet (temporal res blocks and attention); frames are the batch"),
     Family("sd3", "SD3", {
         "tiny": _sd3(2, context=256, pooled=128, patches=32),
         "bench": _sd3(8, context=1024, pooled=768, patches=64),
@@ -288,7 +302,8 @@ def sample(patcher, name: str, size: str = "tiny", steps: int = 20, cfg: float =
     import nodes as comfy_nodes
     fam = family(name)
     if latent is None:
-        latent = empty_latent(name, batch, width, height, frames if fam.video else 1)
+        latent = empty_latent(name, batch, width, height,
+                              frames if fam.video or fam.frames_as_batch else 1)
     pos = conditioning(name, size, prompt, batch, seed)
     neg = conditioning(name, size, negative, batch, seed)
     out = comfy_nodes.common_ksampler(patcher, seed, steps, cfg, sampler, scheduler, pos, neg, latent,
@@ -375,6 +390,8 @@ def conditioning(name: str, size: str = "tiny", prompt: str = "", batch: int = 1
 def latent_shape(name: str, batch: int, width: int, height: int, frames: int = 1) -> tuple[int, ...]:
     fam = family(name)
     h, w = height // fam.spatial_ratio, width // fam.spatial_ratio
+    if fam.frames_as_batch:
+        return (batch * frames, fam.latent_channels, h, w)
     if fam.video:
         return (batch, fam.latent_channels, (frames - 1) // fam.temporal_ratio + 1, h, w)
     return (batch, fam.latent_channels, h, w)

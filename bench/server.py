@@ -136,6 +136,13 @@ class ComfyServer:
         return [self.base_dir / "output" / i.get("subfolder", "") / i["filename"] for i in images]
 
 
+def read_images(paths) -> "numpy.ndarray":
+    """The saved images of a prompt as one uint8 array [N, H, W, C]."""
+    import numpy as np
+    from PIL import Image
+    return np.stack([np.asarray(Image.open(p)) for p in paths])
+
+
 def execution_error(entry: dict) -> dict | None:
     """The `execution_error` message of a finished prompt, if it failed."""
     for kind, data in entry.get("status", {}).get("messages", []):

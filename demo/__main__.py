@@ -7,25 +7,24 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import statistics
 import sys
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
-from bench import comfy_env, graphs
+from bench import comfy_env, graphs, techniques
 from bench.comfy_env import REPO_ROOT
 from bench.runner import fmt_db
-from bench.server import ComfyServer, execution_error
+from bench.server import ComfyServer, execution_error, read_images
 
 OUTPUT = REPO_ROOT / "demo" / "output"
 HELPERS = REPO_ROOT / "tests" / "helper_nodes" / "optim_test_nodes"
 
-# family -> the optimization stacks to compare with the plain graph. Techniques join as they land.
-DEMOS: dict[str, list[tuple[str, list[tuple[str, dict]]]]] = {
-    "sd15": [("noop", [("OptimNoop", {})])],
-    "sd3": [("noop", [("OptimNoop", {})])],
-    "wan21": [("noop", [("OptimNoop", {})])],
+# family -> the optimization stacks to compare with the plain graph (the benchmark registry's
+# stacks, so the demo shows what the benchmarks measure). Techniques join as they land.
+DEMOS: dict[str, list[str]] = {
+    "sd15": ["noop", "deepcache3", "tgate", "tgate_deepcache3"],
+    "sd3": ["noop"],
+    "wan21": ["noop"],
 }
 
 
@@ -35,7 +34,7 @@ def wall_time_s(entry: dict) -> float:
     return (stamps["execution_success"] - stamps["execution_start"]) / 1000.0
 
 
-def psnr_ssim(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+def psnr_ssim(a, b) -> tuple[float, float]:
     import torch
     from optim.metrics import psnr, ssim
     ta, tb = torch.from_numpy(a).float() / 255, torch.from_numpy(b).float() / 255
@@ -45,6 +44,7 @@ def psnr_ssim(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--families", nargs="*", default=list(DEMOS), choices=list(DEMOS))
     args = parser.parse_args(argv)
 
@@ -58,34 +58,45 @@ def main(argv: list[str] | None = None) -> int:
     for family in args.families:
         graphs.write_model_files(base / "models", family)
 
-    rows = []
+    results = []  # (family, variant, median wall s, PSNR, SSIM)
     print(f"[demo] starting ComfyUI ({root}) headless on a loopback port ...")
     with ComfyServer(base, extra_custom_nodes=(HELPERS,)) as server:
-        for family in args.families:
-            common = dict(steps=args.steps, width=64, height=64, prompt="two red circles top left")
-            server.run(graphs.txt2img(family, **{**common, "seed": 1}))  # warm-up: loads the models
-            plain = server.run(graphs.txt2img(family, **common, filename_prefix=f"demo-{family}-plain"))
-            if execution_error(plain):
-                raise RuntimeError(execution_error(plain)["exception_message"])
-            ref = np.stack([np.asarray(Image.open(p)) for p in server.output_images(plain, "save")])
-            t_plain = wall_time_s(plain)
-            rows.append((family, "plain", t_plain, 1.0, float("inf"), 1.0))
-            _save(server.output_images(plain, "save")[0], f"{family}-plain.png")
-            for name, stack in DEMOS[family]:
-                entry = server.run(graphs.txt2img(family, **common, optim=stack,
-                                                  filename_prefix=f"demo-{family}-{name}"))
-                if execution_error(entry):
-                    raise RuntimeError(execution_error(entry)["exception_message"])
-                imgs = np.stack([np.asarray(Image.open(p)) for p in server.output_images(entry, "save")])
-                t = wall_time_s(entry)
-                rows.append((family, name, t, t_plain / t, *psnr_ssim(ref, imgs)))
-                _save(server.output_images(entry, "save")[0], f"{family}-{name}.png")
+        def run(family, seed, optim=(), name="plain"):
+            entry = server.run(graphs.txt2img(family, steps=args.steps, width=64, height=64, seed=seed,
+                                              prompt="two red circles top left", optim=list(optim),
+                                              filename_prefix=f"demo-{family}-{name}"))
+            if execution_error(entry):
+                raise RuntimeError(execution_error(entry)["exception_message"])
+            paths = server.output_images(entry, "save")
+            return wall_time_s(entry), read_images(paths), paths[0]
 
-    print(f"\nHeadless ComfyUI, {args.steps} steps, 64x64, generated weights (wall time per prompt "
-          f"from the server's timestamps):")
-    print(f"{'model':8s} {'graph':12s} {'wall s':>8s} {'speedup':>8s} {'PSNR dB':>8s} {'SSIM':>7s}")
-    for family, name, t, speedup, p, s in rows:
-        print(f"{family:8s} {name:12s} {t:8.2f} {speedup:7.2f}x {fmt_db(p):>8s} {s:7.4f}")
+        for family in args.families:
+            run(family, seed=99)  # warm-up: loads the models
+            variants = {"plain": ()}
+            variants.update({name: [(n, dict(p)) for n, p in techniques.technique(name).stack]
+                             for name in DEMOS[family]})
+            times = {name: [] for name in variants}
+            fidelity = {}
+            # Alternate the variants over the repeats, each repeat with its own seed (so ComfyUI's
+            # cache cannot answer it); fidelity compares each variant with plain at the same seed.
+            for seed in range(1, args.repeats + 1):
+                ref = None
+                for name, stack in variants.items():
+                    t, imgs, first = run(family, seed, stack, name)
+                    times[name].append(t)
+                    ref = imgs if name == "plain" else ref
+                    fidelity[name] = psnr_ssim(ref, imgs)
+                    if seed == args.repeats:
+                        _save(first, f"{family}-{name}.png")
+            for name in variants:
+                results.append((family, name, statistics.median(times[name]),
+                                statistics.median(times["plain"]), *fidelity[name]))
+
+    print(f"\nHeadless ComfyUI, {args.steps} steps, 64x64, generated weights; wall time per prompt "
+          f"from the server's timestamps, median of {args.repeats} alternating repeats:")
+    print(f"{'model':8s} {'graph':18s} {'wall s':>8s} {'speedup':>8s} {'PSNR dB':>8s} {'SSIM':>7s}")
+    for family, name, t, t_plain, p, s in results:
+        print(f"{family:8s} {name:18s} {t:8.2f} {t_plain / t:7.2f}x {fmt_db(p):>8s} {s:7.4f}")
     print(f"\nimages: {OUTPUT}")
     return 0
 

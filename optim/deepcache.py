@@ -80,13 +80,18 @@ def quad_center_steps(total: int, n_samples: int, center: int, power: float) -> 
 
 def full_steps(num_steps: int, params: DeepCacheParams) -> set[int]:
     """Steps (0-based, of the run's schedule) on which the whole UNet runs."""
-    if params.cache_interval <= 1:
+    if params.cache_interval <= 1 or num_steps <= 2:
         return set(range(num_steps))
+    uniform = set(range(0, num_steps, params.cache_interval))
     if params.skip_mode == "uniform":
-        return set(range(0, num_steps, params.cache_interval))
+        return uniform
     n_full = -(-num_steps // params.cache_interval)
-    center = min(params.center, max(num_steps - 1, 1))
-    return set(quad_center_steps(num_steps, n_full, center, params.power))
+    center = min(params.center, num_steps - 1)
+    try:
+        return set(quad_center_steps(num_steps, n_full, center, params.power))
+    except ValueError as e:  # known only once the run's step count is: never fail the run for it
+        log.warning("DeepCache: %s; using the uniform schedule for this run", e)
+        return uniform
 
 
 @dataclass
@@ -119,7 +124,7 @@ class _Run:
         self.features: dict[tuple, torch.Tensor] = {}
         self.shapes: dict[tuple, dict] = {}
         self.full: set[int] | None = None
-        self.first_eligible: int | None = None
+        self.eligible: set[int] = set()
         self.stats = RunStats()
 
     def derive(self, key: tuple) -> None:
@@ -140,17 +145,16 @@ class _Run:
     def is_full_step(self, step: int | None, transformer_options: dict) -> bool:
         if step is None:
             return True
-        schedule = transformer_options["sample_sigmas"]
-        eligible = [i for i in range(len(schedule) - 1)
-                    if self.sigma_end < float(schedule[i]) <= self.sigma_start]
-        if step not in eligible:
-            return True
-        if self.full is None:
+        if self.full is None:  # once per run: the schedule is fixed for the run
+            schedule = transformer_options["sample_sigmas"]
+            eligible = [i for i in range(len(schedule) - 1)
+                        if self.sigma_end < float(schedule[i]) <= self.sigma_start]
             # Count the schedule from the first step where caching is allowed, as the reference
-            # counts from the first step it sees.
-            self.first_eligible = eligible[0]
-            self.full = {s + self.first_eligible for s in full_steps(len(eligible), self.params)}
-        return step in self.full
+            # counts from the first step it sees; steps outside the window are always full.
+            self.eligible = set(eligible)
+            first = eligible[0] if eligible else 0
+            self.full = {s + first for s in full_steps(len(eligible), self.params)}
+        return step not in self.eligible or step in self.full
 
 
 class DeepCache:

@@ -1,18 +1,15 @@
 """End to end: a real `main.py --cpu` server with the pack in custom_nodes/, driven over HTTP."""
 import re
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from bench import graphs
 from bench.comfy_env import REPO_ROOT
-from bench.server import ComfyServer, execution_error
+from bench.server import execution_error
+from bench.server import read_images as pixels
 
-HELPERS = REPO_ROOT / "tests" / "helper_nodes" / "optim_test_nodes"
-FAMILIES = ("sd15", "sd3", "wan21")
+FAMILIES = ("sd15", "sd3", "wan21")  # the e2e conftest writes their model files
 
 
 def pack_node_ids() -> set[str]:
@@ -21,19 +18,6 @@ def pack_node_ids() -> set[str]:
     for path in (REPO_ROOT / "nodes").glob("*.py"):
         ids |= set(re.findall(r'node_id="([^"]+)"', path.read_text()))
     return ids
-
-
-@pytest.fixture(scope="module")
-def server(comfy_nodes):
-    base = Path(tempfile.mkdtemp(prefix="optim-e2e-"))
-    for family in FAMILIES:
-        graphs.write_model_files(base / "models", family)
-    with ComfyServer(base, extra_custom_nodes=(HELPERS,)) as srv:
-        yield srv
-
-
-def pixels(paths):
-    return np.stack([np.asarray(Image.open(p)) for p in paths])
 
 
 def test_pack_imports_cleanly_and_lists_every_node(server):

@@ -136,3 +136,14 @@ def test_validation_rejects_an_empty_window(dc):
 def test_applying_twice_is_refused(dc, unet):
     with pytest.raises(ValueError, match="already applied"):
         apply(dc, apply(dc, unet, cache_interval=3), cache_interval=2)
+
+
+def test_svd_video_unet(dc, comfy_nodes):
+    svd = factory.build_model("svd", "tiny")
+    args = dict(steps=6, cfg=2.5, frames=4, width=64, height=64)
+    ref = factory.sample(svd, "svd", **args)
+    assert torch.equal(factory.sample(apply(dc, svd, cache_interval=1), "svd", **args), ref)
+    patched = apply(dc, svd, cache_interval=3, cache_branch_id=1)
+    out = factory.sample(patched, "svd", **args)
+    assert out.shape == ref.shape and torch.isfinite(out).all() and not torch.equal(out, ref)
+    assert controller(patched).last_stats["shallow_calls"] == 4

@@ -59,7 +59,7 @@ def run_reference(ref, inputs, context, interval, branch):
         helper.disable()
 
 
-def run_ours(ours, inputs, context, interval, branch):
+def run_ours(ours, inputs, context, interval, branch, control=None):
     from optim import deepcache
     patched = ours.clone()
     ctl = deepcache.attach(patched, deepcache.DeepCacheParams(cache_interval=interval, cache_branch_id=branch))
@@ -73,7 +73,9 @@ def run_ours(ours, inputs, context, interval, branch):
             for i, (x, t) in enumerate(zip(inputs, TIMESTEPS)):
                 to = {"wrappers": patched.wrappers, "patches": patched.model_options["transformer_options"].get("patches", {}),
                       "sample_sigmas": sigmas, "sigmas": sigmas[i:i + 1], "cond_or_uncond": [0]}
-                outs.append(dm(x, timesteps=torch.tensor([t]), context=context, transformer_options=to))
+                ctrl = None if control is None else {k: list(v) for k, v in control.items()}  # popped per call
+                outs.append(dm(x, timesteps=torch.tensor([t]), context=context, control=ctrl,
+                               transformer_options=to))
         return outs, ctl.run.stats
     finally:
         patched.unpatch_model()
@@ -113,3 +115,16 @@ def test_every_step_matches_the_reference(pair, inputs, interval, branch):
     # the cache changes the output on shallow steps (so the comparison above is not vacuous)
     plain, _ = run_ours(ours, xs, ctx, 1, 0)
     assert not torch.allclose(got[1], plain[1], atol=1e-3)
+
+
+def test_controlnet_calls_run_the_whole_unet(pair, inputs):
+    """ControlNet residuals reach the deep blocks, which a shallow step would skip: such calls fall
+    back to full steps, so the output is exactly the uncached one."""
+    _, ours = pair
+    xs, ctx = inputs
+    control = {"input": [None] * 12, "middle": [None], "output": [None] * 12}
+    plain, _ = run_ours(ours, xs, ctx, 1, 0, control=control)
+    cached, stats = run_ours(ours, xs, ctx, 3, 0, control=control)
+    for a, b in zip(plain, cached):
+        assert torch.equal(a, b)
+    assert stats.shallow_calls == 0 and stats.fallbacks == STEPS - 4

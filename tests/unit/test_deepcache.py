@@ -25,9 +25,17 @@ def test_non_uniform_schedule_has_as_many_full_steps_as_uniform_and_clusters_at_
     assert min(near) <= min(gaps[-2:])   # denser around the center than at the end
 
 
-def test_non_uniform_schedule_that_cannot_be_met_says_why():
+def test_non_uniform_schedule_that_cannot_be_met_says_why_and_the_run_goes_on_uniform(caplog):
     with pytest.raises(ValueError, match="lower the center or the interval"):
         deepcache.quad_center_steps(10, 9, center=8, power=1.1)
+    params = DeepCacheParams(cache_interval=2, skip_mode="non-uniform", center=5, power=1.01)
+    assert full_steps(10, params) == {0, 2, 4, 6, 8}
+    assert "using the uniform schedule" in caplog.text
+
+
+def test_very_short_schedules_run_every_step_in_full():
+    assert full_steps(2, DeepCacheParams(cache_interval=3)) == {0, 1}
+    assert full_steps(0, DeepCacheParams(cache_interval=3, skip_mode="non-uniform")) == set()
 
 
 def test_problems_name_each_bad_parameter():
