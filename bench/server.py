@@ -149,3 +149,38 @@ def execution_error(entry: dict) -> dict | None:
         if kind == "execution_error":
             return data
     return None
+
+
+def collect_events(server: ComfyServer, prompt: dict, event: str, timeout_s: float = 300) -> tuple[dict, list]:
+    """Run `prompt` while listening on the server's websocket as this client; returns the history
+    entry and the data of every `event` message received during the run."""
+    import asyncio
+
+    import aiohttp
+
+    async def listen():
+        got = []
+        url = f"{server.url.replace('http', 'ws')}/ws?clientId={server.client_id}"
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(url) as ws:
+                status, body = server.queue(prompt)
+                if status != 200:
+                    raise RuntimeError(f"prompt rejected ({status}): {body}")
+                prompt_id = body["prompt_id"]
+
+                async def until_done():
+                    async for msg in ws:
+                        if msg.type != aiohttp.WSMsgType.TEXT:
+                            continue
+                        data = json.loads(msg.data)
+                        if data.get("type") == event:
+                            got.append(data["data"])
+                        if data.get("type") == "executing" and data["data"].get("node") is None \
+                                and data["data"].get("prompt_id") == prompt_id:
+                            return
+
+                await asyncio.wait_for(until_done(), timeout_s)
+                return prompt_id, got
+
+    prompt_id, got = asyncio.run(listen())
+    return server.wait(prompt_id), got

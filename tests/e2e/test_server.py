@@ -97,3 +97,41 @@ def test_deepcache_on_a_dit_passes_through_with_a_warning(server):
                             "start_percent": 0.0, "end_percent": 1.0, "center": 15, "power": 1.4})]))
     assert np.array_equal(pixels(server.output_images(plain, "save")), pixels(server.output_images(dc, "save")))
     assert re.search(r"OptimDeepCache: SD3 \(\w+\) is not a UNet model", server.log())
+
+
+def test_nodes_send_their_run_stats_to_the_frontend(server):
+    from bench.server import collect_events
+    prompt = graphs.txt2img("sd15", steps=9, seed=5, optim=[
+        ("OptimDeepCache", {"cache_interval": 3, "cache_branch_id": 0, "skip_mode": "uniform",
+                            "start_percent": 0.0, "end_percent": 1.0, "center": 15, "power": 1.4}),
+        ("OptimTGate", {"gate_percent": 0.5, "gate_step": -1, "self_attn_interval": 0, "drop_uncond": True})])
+    entry, events = collect_events(server, prompt, "comfyui-optim.stats")
+    assert execution_error(entry) is None
+    by_technique = {e["technique"]: e for e in events}
+    assert by_technique["deepcache"]["node"] == "optim0"
+    assert by_technique["deepcache"]["stats"]["shallow_calls"] == 6
+    assert by_technique["tgate"]["node"] == "optim1"
+    assert by_technique["tgate"]["stats"]["uncond_passes_dropped"] > 0
+
+
+def test_two_samplers_share_one_patched_model_in_one_prompt(server):
+    dc = ("OptimDeepCache", {"cache_interval": 3, "cache_branch_id": 0, "skip_mode": "uniform",
+                             "start_percent": 0.0, "end_percent": 1.0, "center": 15, "power": 1.4})
+    tg = ("OptimTGate", {"gate_percent": 0.5, "gate_step": -1, "self_attn_interval": 2, "drop_uncond": True})
+    both = graphs.txt2img("sd15", steps=9, seed=11, optim=[dc, tg], filename_prefix="two-a")
+    # a second sampler on the same patched model, another seed, its own decode and save
+    both["sampler2"] = {"class_type": "KSampler", "inputs": {**both["sampler"]["inputs"], "seed": 12}}
+    both["decode2"] = {"class_type": "VAEDecode", "inputs": {"samples": ["sampler2", 0], "vae": ["vae", 0]}}
+    both["save2"] = {"class_type": "SaveImage", "inputs": {"images": ["decode2", 0], "filename_prefix": "two-b"}}
+    entry = server.run(both)
+    assert execution_error(entry) is None
+    alone_prompt = graphs.txt2img("sd15", steps=9, seed=12, optim=[dc, tg], filename_prefix="two-c")
+    # ComfyUI would answer an identical sampler from its cache; denoise above 0.9999 gives the very
+    # same schedule (KSampler.set_steps) but a new cache key, so this sampler really runs alone.
+    alone_prompt["sampler"]["inputs"]["denoise"] = 0.99995
+    for key in ("pos", "neg"):  # the same conditioning as in the two-sampler prompt
+        alone_prompt[key]["inputs"]["seed"] = 11
+    runs_before = server.log().count("DeepCache (interval 3")
+    alone = server.run(alone_prompt)
+    assert server.log().count("DeepCache (interval 3") == runs_before + 1   # it did sample
+    assert np.array_equal(pixels(server.output_images(entry, "save2")), pixels(server.output_images(alone, "save")))

@@ -7,7 +7,7 @@ from bench import report
 
 
 def result(technique="noop", family="sd15", speedup=1.01, psnr=math.inf):
-    return {"technique": technique, "family": family, "size": "bench", "steps": 20, "device": "cpu",
+    return {"technique": technique, "family": family, "size": "bench", "steps": 20, "repeats": 3, "device": "cpu",
             "weights": "generated", "versions": {"cpu_count": 2},
             "baseline": {"model_calls": 20, "peak_mem_mb": 100.0},
             "optimized": {"model_calls": 20, "peak_mem_mb": 101.0},
@@ -18,8 +18,19 @@ def test_table_has_a_row_per_result_with_its_figures():
     table = report.markdown_tables([result(), result(family="flux", speedup=0.98, psnr=31.234)])
     lines = table.splitlines()
     assert len(lines) == 4
-    assert "| noop | flux (generated) | bench | 20 | cpu (2 cores) | 0.98x | 20 -> 20 | 31.23 |" in table
+    assert "| noop | flux (generated) | bench | 20 (3) | cpu (2 cores) | 0.98x | - | model calls 20 -> 20 | 31.23 |" in table
     assert "| inf | inf | 1.0000 | 100 / 101 |" in lines[3]
+
+
+def test_technique_stats_and_flops_are_summarised():
+    r = result(technique="tgate_deepcache3", speedup=3.4)
+    r["flops_ratio"] = 3.66
+    r["technique_stats"] = {
+        "comfyui-optim.deepcache": {"full_calls": 7, "shallow_calls": 13},
+        "comfyui-optim.tgate": {"cross_attn_computed": 53, "cross_attn_reused": 72, "uncond_passes_dropped": 12}}
+    row = report.markdown_tables([r]).splitlines()[2]
+    assert ("| 3.40x | 3.66x fewer | 13/20 UNet calls shallow; 72/125 cross-attn reused, "
+            "12 uncond passes dropped |") in row
 
 
 def test_update_readme_replaces_only_the_marked_section(tmp_path):
