@@ -90,3 +90,21 @@ def test_unsupported_model_passes_through_with_a_warning(nodes_, comfy_nodes, ca
     with caplog.at_level(logging.WARNING, logger="comfyui-optim"):
         assert tg.execute(model=wan).result[0] is wan
     assert "WAN21" in caplog.text and "T-GATE does not apply" in caplog.text
+
+
+def test_torch_compile_model_before_or_after_the_stack(nodes_, unet, comfy_nodes):
+    """ComfyUI's TorchCompileModel (inductor) composes with both nodes in either order: the output
+    matches the eager stack up to the compiler's float reordering."""
+    tg, dc = nodes_
+    compile_node = comfy_nodes.NODE_CLASS_MAPPINGS["TorchCompileModel"]
+
+    def compiled(model):
+        out = compile_node.execute(model=model, backend="inductor")
+        return out.result[0] if hasattr(out, "result") else out[0]
+
+    def stack(model):
+        return tg.execute(model=dc.execute(model=model, cache_interval=3).result[0], gate_percent=0.5).result[0]
+
+    eager = sample(stack(unet), steps=6)
+    for model in (stack(compiled(unet)), compiled(stack(unet))):
+        torch.testing.assert_close(sample(model, steps=6), eager, rtol=1e-3, atol=2e-2)
