@@ -31,6 +31,7 @@ class Family:
     latent_channels: int
     video: bool = False
     frames_as_batch: bool = False        # SVD: video frames are the batch of a 4D latent
+    min_latent: int = 1                  # smallest latent side the model accepts
     temporal_ratio: int = 1              # video latents: frames = (F - 1) // ratio + 1
     spatial_ratio: int = 8
     context: tuple[int, int] = (77, 768)  # (tokens, width) of the text conditioning
@@ -79,6 +80,12 @@ def _svd(channels, mult=(1, 2, 4, 4)):
     return {**cfg, "in_channels": 8, "use_temporal_attention": True, "use_temporal_resblock": True,
             "extra_ff_mix_layer": True, "use_spatial_context": True, "merge_strategy": "learned_with_images",
             "merge_factor": 0.0, "video_kernel_size": [3, 1, 1], "disable_temporal_crossattention": False}
+
+
+def _pixart(hidden, depth, heads, caption=4096):
+    return {"image_model": "pixart_alpha", "hidden_size": hidden, "depth": depth, "num_heads": heads,
+            "patch_size": 2, "in_channels": 4, "input_size": 64, "caption_channels": caption,
+            "micro_condition": False, "model_max_length": 120, "pred_sigma": False, "learn_sigma": False}
 
 
 def _flux(hidden, heads, depth, single, context=4096):
@@ -142,6 +149,12 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
         "full": _svd(320),
     }, latent_channels=4, frames_as_batch=True, context=(1, 1024), output_layer="out.2",
         notes="Stable Video Diffusion UNet (temporal res blocks and attention); frames are the batch"),
+    Family("pixart", "PixArtAlpha", {
+        "tiny": _pixart(128, 2, 2, caption=256),
+        "bench": _pixart(1152, 8, 16),
+        "full": _pixart(1152, 28, 16),
+    }, latent_channels=4, context=(120, 4096), min_latent=48,
+        notes="PixArt-alpha DiT; its position embedding needs latents of at least 48x48 (384 px)"),
     Family("sd3", "SD3", {
         "tiny": _sd3(2, context=256, pooled=128, patches=32),
         "bench": _sd3(8, context=1024, pooled=768, patches=64),
@@ -192,6 +205,8 @@ def context_shape(fam: Family, size: str) -> tuple[int, int]:
         width = cfg["context_in_dim"]
     elif "context_embedder_config" in cfg:
         width = cfg["context_embedder_config"]["params"]["in_features"]
+    elif "caption_channels" in cfg:
+        width = cfg["caption_channels"]
     elif "joint_attention_dim" in cfg:
         width = cfg["joint_attention_dim"]
     elif "context_dim" in cfg:
@@ -389,7 +404,10 @@ def conditioning(name: str, size: str = "tiny", prompt: str = "", batch: int = 1
 
 def latent_shape(name: str, batch: int, width: int, height: int, frames: int = 1) -> tuple[int, ...]:
     fam = family(name)
-    h, w = height // fam.spatial_ratio, width // fam.spatial_ratio
+    # a family with a floor on the latent size (PixArt) gets at least that: callers ask for small
+    # images to keep tests quick, the model could not run them
+    h = max(height // fam.spatial_ratio, fam.min_latent)
+    w = max(width // fam.spatial_ratio, fam.min_latent)
     if fam.frames_as_batch:
         return (batch * frames, fam.latent_channels, h, w)
     if fam.video:

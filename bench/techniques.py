@@ -11,6 +11,7 @@ from typing import Any
 
 UNET_FAMILIES = ("sd15", "sdxl")
 DEEPCACHE_FAMILIES = (*UNET_FAMILIES, "svd")
+TGATE_FAMILIES = (*UNET_FAMILIES, "pixart")
 DEEPCACHE = {"cache_branch_id": 0, "skip_mode": "uniform", "start_percent": 0.0, "end_percent": 1.0,
              "center": 15, "power": 1.4}
 TGATE = {"gate_percent": 0.4, "gate_step": -1, "self_attn_interval": 0, "drop_uncond": True}
@@ -46,7 +47,7 @@ TECHNIQUES: dict[str, Technique] = {t.name: t for t in [
     Technique("deepcache5", "DeepCache, full UNet every 5 steps, branch 0 (reference: 3.24x on SD2.1)",
               (("OptimDeepCache", {"cache_interval": 5, **DEEPCACHE}),), DEEPCACHE_FAMILIES),
     Technique("tgate", "T-GATE, gate at 40% of the steps, unconditional pass dropped after it",
-              (("OptimTGate", TGATE),), UNET_FAMILIES),
+              (("OptimTGate", TGATE),), TGATE_FAMILIES),
     Technique("tgate_deepcache3", "T-GATE (gate 0.4) stacked on DeepCache (interval 3, branch 0)",
               (("OptimDeepCache", {"cache_interval": 3, **DEEPCACHE}), ("OptimTGate", TGATE)), UNET_FAMILIES),
 ]}

@@ -14,11 +14,12 @@ class OptimTGate(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="OptimTGate",
-            display_name="Optim T-GATE (UNet)",
+            display_name="Optim T-GATE",
             category="optim/caching",
             description="Stops computing cross-attention after a gate step and reuses its CFG-averaged "
                         "output (T-GATE); drops the unconditional pass after the gate. For SD1.x, "
-                        "SD2.x, SDXL and LCM UNets; stacks with Optim DeepCache in either order.",
+                        "SD2.x, SDXL and LCM UNets and PixArt-alpha/sigma; stacks with Optim "
+                        "DeepCache in either order.",
             inputs=[
                 io.Model.Input("model"),
                 io.Float.Input("gate_percent", default=0.4, min=0.0, max=1.0, step=0.01,
@@ -42,7 +43,7 @@ class OptimTGate(io.ComfyNode):
                 drop_uncond=True) -> io.NodeOutput:
         dm = model.get_model_object("diffusion_model")
         if not tgate.supports(dm):
-            log.warning("OptimTGate: %s (%s) has no UNet cross-attention; T-GATE does not apply, the "
+            log.warning("OptimTGate: %s (%s) is neither a UNet nor PixArt; T-GATE does not apply, the "
                         "model passes through unchanged", type(model.model).__name__, type(dm).__name__)
             return io.NodeOutput(model)
         params = tgate.TGateParams(gate_percent, gate_step, self_attn_interval, drop_uncond)

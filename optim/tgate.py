@@ -1,4 +1,4 @@
-"""T-GATE for ComfyUI's UNet models: stop computing cross-attention after a gate step.
+"""T-GATE for ComfyUI's UNet models and PixArt: stop computing cross-attention after a gate step.
 
 Semantics (T-GATE, Liu et al. 2024, and its v2 self-attention caching):
 - before the gate, every attention runs normally; each cross-attention layer keeps its latest
@@ -14,7 +14,8 @@ Semantics (T-GATE, Liu et al. 2024, and its v2 self-attention caching):
 Steps are counted from sigmas (second-order samplers call the model more than once per step).
 Hooks: object patches replace each attention module of the clone by a view that shares its
 projections (LoRA and device moves see them); an OUTER_SAMPLE wrapper holds the per-run state and
-a CALC_COND_BATCH wrapper drops the unconditional pass.
+a CALC_COND_BATCH wrapper drops the unconditional pass; an APPLY_MODEL wrapper hands the call's
+transformer_options to the views of models whose blocks do not receive them (PixArt).
 """
 from __future__ import annotations
 
@@ -79,6 +80,7 @@ class TGate:
     def __init__(self, params: TGateParams, on_run_end=None):
         self.params, self.on_run_end = params, on_run_end
         self.run: _Run | None = None
+        self.call_options: dict | None = None
         self.last_stats: dict | None = None
 
     def __deepcopy__(self, memo):  # clones share the controller (see optim.deepcache)
@@ -95,9 +97,14 @@ class TGate:
         return step, gate
 
     # -- attention views -------------------------------------------------------------------------
+    def _options(self, kwargs) -> dict:
+        # UNet attention receives transformer_options; PixArt's blocks pass none, so the
+        # APPLY_MODEL wrapper keeps the current call's options here.
+        return kwargs.get("transformer_options") or self.call_options or {}
+
     def cross_attention(self, view, layer: str, args, kwargs):
         original_forward = type(view.__dict__["_view_of"]).forward
-        to = kwargs.get("transformer_options") or {}
+        to = self._options(kwargs)
         run = self.run
         step, gate = self._step_and_gate(to) if run is not None else (None, None)
         if step is None:
@@ -117,7 +124,7 @@ class TGate:
 
     def self_attention(self, view, layer: str, args, kwargs):
         original_forward = type(view.__dict__["_view_of"]).forward
-        to = kwargs.get("transformer_options") or {}
+        to = self._options(kwargs)
         run, k = self.run, self.params.self_attn_interval
         step, gate = self._step_and_gate(to) if run is not None else (None, None)
         if step is None or k <= 0 or step >= gate:
@@ -149,6 +156,13 @@ class TGate:
             if self.on_run_end is not None:
                 self.on_run_end(stats)
 
+    def apply_model(self, executor, *args, **kwargs):
+        self.call_options = args[5] if len(args) > 5 else kwargs.get("transformer_options")
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            self.call_options = None
+
     def calc_cond_batch(self, executor, model, conds, x_in, timestep, model_options):
         """After the gate, run only the conditional pass and use it for the unconditional slot."""
         run = self.run
@@ -174,21 +188,30 @@ def _view_forward(kind: str):
 _CROSS_FORWARD, _SELF_FORWARD = _view_forward("cross"), _view_forward("self")
 
 
+# Adapters per family: the block class, its cross- and self-attention attributes.
+BLOCKS = {"UNetModel": ("BasicTransformerBlock", "attn2", "attn1"),
+          "PixArtMS": ("PixArtMSBlock", "cross_attn", "attn")}
+
+
 def attention_layers(diffusion_model) -> tuple[list[str], list[str]]:
-    """(cross-attention, self-attention) module paths of a UNet's transformer blocks."""
+    """(cross-attention, self-attention) module paths of the model's transformer blocks."""
     cross, self_ = [], []
+    adapter = BLOCKS.get(type(diffusion_model).__name__)
+    if adapter is None:
+        return cross, self_
+    block_class, cross_attr, self_attr = adapter
     for name, module in diffusion_model.named_modules():
-        if type(module).__name__ != "BasicTransformerBlock":
+        if type(module).__name__ != block_class:
             continue
-        if getattr(module, "attn2", None) is not None and not getattr(module, "switch_temporal_ca_to_sa", False):
-            cross.append(f"{name}.attn2")
-        if getattr(module, "attn1", None) is not None:
-            self_.append(f"{name}.attn1")
+        if getattr(module, cross_attr, None) is not None and not getattr(module, "switch_temporal_ca_to_sa", False):
+            cross.append(f"{name}.{cross_attr}")
+        if getattr(module, self_attr, None) is not None:
+            self_.append(f"{name}.{self_attr}")
     return cross, self_
 
 
 def supports(diffusion_model) -> bool:
-    return type(diffusion_model).__name__ == "UNetModel" and bool(attention_layers(diffusion_model)[0])
+    return bool(attention_layers(diffusion_model)[0])
 
 
 def attach(patcher, params: TGateParams, on_run_end=None) -> TGate:
@@ -207,5 +230,6 @@ def attach(patcher, params: TGateParams, on_run_end=None) -> TGate:
         patcher.add_object_patch(full, make_view(original, tag, {"forward": forward},
                                                  _tgate=ctl, _tgate_layer=path))
     patcher.add_wrapper_with_key("outer_sample", KEY, ctl.outer_sample)
+    patcher.add_wrapper_with_key("apply_model", KEY, ctl.apply_model)
     patcher.add_wrapper_with_key("calc_cond_batch", KEY, ctl.calc_cond_batch)
     return ctl

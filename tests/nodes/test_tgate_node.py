@@ -92,6 +92,20 @@ def test_unsupported_model_passes_through_with_a_warning(nodes_, comfy_nodes, ca
     assert "WAN21" in caplog.text and "T-GATE does not apply" in caplog.text
 
 
+def test_pixart_gates_its_cross_attention(nodes_, comfy_nodes):
+    tg, _ = nodes_
+    pixart = factory.build_model("pixart", "tiny")
+    args = dict(steps=8, cfg=4.0)
+    ref = factory.sample(pixart, "pixart", **args)
+    assert torch.equal(factory.sample(tg.execute(model=pixart, gate_percent=1.0).result[0], "pixart", **args), ref)
+    patched = tg.execute(model=pixart, gate_percent=0.5, self_attn_interval=2).result[0]
+    out = factory.sample(patched, "pixart", **args)
+    assert torch.isfinite(out).all() and not torch.equal(out, ref)
+    stats = tg_of(patched).last_stats
+    assert stats["gate_step"] == 4 and stats["uncond_passes_dropped"] == 4
+    assert stats["cross_attn_reused"] == 4 * 2 and stats["self_attn_reused"] > 0   # 2 blocks
+
+
 def test_torch_compile_model_before_or_after_the_stack(nodes_, unet, comfy_nodes):
     """ComfyUI's TorchCompileModel (inductor) composes with both nodes in either order: the output
     matches the eager stack up to the compiler's float reordering."""
