@@ -160,10 +160,9 @@ class _Run:
 class DeepCache:
     """Controller shared by the patches of one patched model (and its later clones)."""
 
-    def __init__(self, params: DeepCacheParams, n_input: int, n_output: int,
+    def __init__(self, params: DeepCacheParams, n_output: int,
                  transformers_per_block: dict[tuple, int], on_run_end=None):
         self.params = params
-        self.n_input, self.n_output = n_input, n_output
         self.keep_input = params.cache_branch_id + 1           # input blocks 0..b run
         self.boundary = n_output - 1 - params.cache_branch_id  # first output block that runs
         self.transformers_per_block = transformers_per_block
@@ -316,7 +315,7 @@ def attach(patcher, params: DeepCacheParams, on_run_end=None) -> DeepCache:
     counts = {("input", i): _count_transformers(b) for i, b in enumerate(dm.input_blocks)}
     counts.update({("output", i): _count_transformers(b) for i, b in enumerate(dm.output_blocks)})
     counts[("middle", 0)] = _count_transformers(dm.middle_block) if dm.middle_block is not None else 0
-    ctl = DeepCache(params, len(dm.input_blocks), len(dm.output_blocks), counts, on_run_end)
+    ctl = DeepCache(params, len(dm.output_blocks), counts, on_run_end)
     if params.cache_interval <= 1:
         return ctl  # every step is a full step: install nothing, output is bit-identical
     for kind, attr in (("input", "input_blocks"), ("middle", "middle_block"), ("output", "output_blocks")):

@@ -69,6 +69,13 @@ class RunStats:
         return dict(self.__dict__)
 
 
+@dataclass(frozen=True)
+class _Call:
+    step: int
+    gate: int
+    chunks: tuple   # cond_or_uncond: one entry per CFG chunk of the batch
+
+
 @dataclass
 class _Run:
     cross: dict = field(default_factory=dict)   # layer -> CFG-averaged output [b, ...]
@@ -80,7 +87,7 @@ class TGate:
     def __init__(self, params: TGateParams, on_run_end=None):
         self.params, self.on_run_end = params, on_run_end
         self.run: _Run | None = None
-        self.call_options: dict | None = None
+        self.call: _Call | None = None
         self.last_stats: dict | None = None
 
     def __deepcopy__(self, memo):  # clones share the controller (see optim.deepcache)
@@ -96,48 +103,53 @@ class TGate:
             self.run.stats.gate_step, self.run.stats.steps = gate, n
         return step, gate
 
-    # -- attention views -------------------------------------------------------------------------
-    def _options(self, kwargs) -> dict:
-        # UNet attention receives transformer_options; PixArt's blocks pass none, so the
-        # APPLY_MODEL wrapper keeps the current call's options here.
-        return kwargs.get("transformer_options") or self.call_options or {}
+    def _call_context(self, transformer_options: dict | None) -> _Call | None:
+        if self.run is None or not transformer_options:
+            return None
+        step, gate = self._step_and_gate(transformer_options)
+        if step is None:
+            return None
+        return _Call(step, gate, tuple(transformer_options.get("cond_or_uncond", ())))
 
+    def _current(self, kwargs) -> _Call | None:
+        # Set once per model call by the APPLY_MODEL wrapper (PixArt's blocks get no
+        # transformer_options); attention driven outside it reads its own options.
+        return self.call or self._call_context(kwargs.get("transformer_options"))
+
+    # -- attention views -------------------------------------------------------------------------
     def cross_attention(self, view, layer: str, args, kwargs):
         original_forward = type(view.__dict__["_view_of"]).forward
-        to = self._options(kwargs)
-        run = self.run
-        step, gate = self._step_and_gate(to) if run is not None else (None, None)
-        if step is None:
+        call = self._current(kwargs)
+        if call is None:
             return original_forward(view, *args, **kwargs)
-        x = args[0]
-        chunks = max(len(to.get("cond_or_uncond", [0])), 1)
+        run, x = self.run, args[0]
+        chunks = max(len(call.chunks), 1)
         cached = run.cross.get(layer)
-        if step >= gate and cached is not None and cached.shape[0] * chunks == x.shape[0] \
+        if call.step >= call.gate and cached is not None and cached.shape[0] * chunks == x.shape[0] \
                 and cached.shape[1:] == x.shape[1:]:  # cross-attention maps query_dim to query_dim
             run.stats.cross_attn_reused += 1
             return cached.repeat(chunks, *([1] * (cached.dim() - 1)))
         out = original_forward(view, *args, **kwargs)
         run.stats.cross_attn_computed += 1
-        if step < gate or cached is None:
+        if call.step < call.gate or cached is None:
             run.cross[layer] = out.reshape(chunks, -1, *out.shape[1:]).mean(dim=0)
         return out
 
     def self_attention(self, view, layer: str, args, kwargs):
         original_forward = type(view.__dict__["_view_of"]).forward
-        to = self._options(kwargs)
-        run, k = self.run, self.params.self_attn_interval
-        step, gate = self._step_and_gate(to) if run is not None else (None, None)
-        if step is None or k <= 0 or step >= gate:
+        call, k = self._current(kwargs), self.params.self_attn_interval
+        if call is None or k <= 0 or call.step >= call.gate:
             return original_forward(view, *args, **kwargs)
-        key = (layer, tuple(to.get("cond_or_uncond", ())), tuple(args[0].shape))
+        run = self.run
+        key = (layer, call.chunks, tuple(args[0].shape))
         cached = run.self_attn.get(key)
-        if step % k != 0 and cached is not None and cached[0] != step:
+        if call.step % k != 0 and cached is not None and cached[0] != call.step:
             run.stats.self_attn_reused += 1
             return cached[1]
         out = original_forward(view, *args, **kwargs)
         run.stats.self_attn_computed += 1
-        if step % k == 0:
-            run.self_attn[key] = (step, out)
+        if call.step % k == 0:
+            run.self_attn[key] = (call.step, out)
         return out
 
     # -- ComfyUI wrappers --------------------------------------------------------------------------
@@ -157,11 +169,12 @@ class TGate:
                 self.on_run_end(stats)
 
     def apply_model(self, executor, *args, **kwargs):
-        self.call_options = args[5] if len(args) > 5 else kwargs.get("transformer_options")
+        """Work out the step, gate and batch layout once per model call, not once per layer."""
+        self.call = self._call_context(args[5] if len(args) > 5 else kwargs.get("transformer_options"))
         try:
             return executor(*args, **kwargs)
         finally:
-            self.call_options = None
+            self.call = None
 
     def calc_cond_batch(self, executor, model, conds, x_in, timestep, model_options):
         """After the gate, run only the conditional pass and use it for the unconditional slot."""
