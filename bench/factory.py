@@ -38,8 +38,12 @@ class Family:
     pooled: int | None = None            # width of the pooled text vector, if the family uses one
     guidance: float | None = None        # distilled guidance passed with the conditioning
     detectable: tuple[str, ...] = ()     # sizes ComfyUI's state-dict detection reconstructs exactly
-    vae: str = "taesd"                   # taesd | wan21
+    vae: str = "taesd"                   # taesd | wan21 | wan22 | ltxv | mochi
     output_layer: str = "final_layer.linear"  # the layer calibrated so the model's output has unit scale
+    # what the family's text encoder adds to the conditioning besides the token states:
+    # "attention_mask" (token mask), "no_pooled" (pooled_output None: a T5-only encoder),
+    # "mt5" (HunyuanDiT's second, mT5 stream and masks), "llama3" (HiDream's Llama hidden states)
+    cond_extras: tuple[str, ...] = ()
     notes: str = ""
 
 
@@ -124,10 +128,78 @@ def _qwen_image(layers, heads, context=3584):
             "attention_head_dim": 128, "num_attention_heads": heads, "joint_attention_dim": context}
 
 
-def _ltxv(layers, heads, head_dim=64, cross=2048, caption=4096):
+def _ltxv(layers, head_dim, heads=32, caption=4096):
+    # cross attention runs on the caption projected to the inner width, so cross_attention_dim is
+    # that width; ComfyUI's detection assumes 32 heads (head dim = attn2.to_k rows // 32)
     return {"image_model": "ltxv", "num_layers": layers, "attention_head_dim": head_dim,
-            "num_attention_heads": heads, "cross_attention_dim": cross, "caption_channels": caption,
-            "in_channels": 128}
+            "num_attention_heads": heads, "cross_attention_dim": heads * head_dim,
+            "caption_channels": caption, "in_channels": 128}
+
+
+def _chroma(hidden, heads, depth, single, context=4096, approx_hidden=5120, approx_layers=5):
+    return {"image_model": "chroma", "in_channels": 64, "out_channels": 64, "patch_size": 2,
+            "context_in_dim": context, "hidden_size": hidden, "mlp_ratio": 4.0, "num_heads": heads,
+            "depth": depth, "depth_single_blocks": single, "axes_dim": [16, 56, 56], "theta": 10000,
+            "qkv_bias": True, "in_dim": 64, "out_dim": hidden, "hidden_dim": approx_hidden,
+            "n_layers": approx_layers}
+
+
+def _wan22(dim, ffn, layers):
+    return {**_wan(dim, ffn, layers), "in_dim": 48, "out_dim": 48}
+
+
+def _mochi(hidden_x, hidden_y, heads, depth, t5=4096, t5_tokens=256):
+    # ComfyUI's block asserts the visual MLP's width is 12288 whatever the model width
+    return {"image_model": "mochi_preview", "depth": depth, "patch_size": 2, "num_heads": heads,
+            "hidden_size_x": hidden_x, "hidden_size_y": hidden_y, "mlp_ratio_x": 12288 / hidden_x,
+            "mlp_ratio_y": 4.0, "learn_sigma": False, "in_channels": 12, "qk_norm": True,
+            "qkv_bias": False, "out_bias": True, "attn_drop": 0.0, "patch_embed_bias": True,
+            "posenc_preserve_area": True, "timestep_mlp_bias": True, "attend_to_padding": False,
+            "timestep_scale": 1000.0, "use_t5": True, "t5_feat_dim": t5, "t5_token_length": t5_tokens,
+            "rope_theta": 10000.0}
+
+
+def _auraflow(dim, heads, double, single, context=2048, max_seq=1024):
+    # no "image_model" key: AuraFlow's MMDiT takes no extra arguments
+    return {"in_channels": 4, "out_channels": 4, "patch_size": 2, "dim": dim, "n_heads": heads,
+            "n_double_layers": double, "n_layers": double + single, "global_conddim": dim,
+            "cond_seq_dim": context, "max_seq": max_seq}
+
+
+def _hunyuan_dit(hidden, depth, heads=16, mlp_ratio=4.0, text=1024, text_t5=2048):
+    return {"image_model": "hydit", "hidden_size": hidden, "depth": depth, "num_heads": heads,
+            "mlp_ratio": mlp_ratio, "text_states_dim": text, "text_states_dim_t5": text_t5,
+            "text_len": 77, "text_len_t5": 256}
+
+
+def _hidream(heads, double, single, caption=4096, pooled=2048, llama_layers=None):
+    if llama_layers is None:  # one Llama hidden state per block, as the full model's list does
+        llama_layers = list(range(double + single))
+    return {"image_model": "hidream", "attention_head_dim": 128, "axes_dims_rope": [64, 32, 32],
+            "caption_channels": [caption, caption], "max_resolution": [128, 128], "in_channels": 16,
+            "llama_layers": llama_layers, "num_attention_heads": heads, "num_routed_experts": 4,
+            "num_activated_experts": 2, "num_layers": double, "num_single_layers": single,
+            "out_channels": 16, "patch_size": 2, "text_emb_dim": pooled}
+
+
+def _lumina2(dim, heads, kv_heads, layers, context=2304):
+    return {"image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": dim,
+            "cap_feat_dim": context, "n_layers": layers, "n_heads": heads, "n_kv_heads": kv_heads,
+            "qk_norm": True, "axes_dims": [32, 32, 32], "axes_lens": [300, 512, 512]}
+
+
+def _cosmos_predict2(channels, blocks, heads, context=1024):
+    # what ComfyUI's detection gives a text-to-image Predict2 model (16 input channels)
+    return {"image_model": "cosmos_predict2", "max_img_h": 240, "max_img_w": 240, "max_frames": 128,
+            "in_channels": 16, "out_channels": 16, "patch_spatial": 2, "patch_temporal": 1,
+            "model_channels": channels, "num_blocks": blocks, "num_heads": heads,
+            "concat_padding_mask": True, "crossattn_emb_channels": context, "pos_emb_cls": "rope3d",
+            "pos_emb_learnable": True, "pos_emb_interpolation": "crop", "min_fps": 1, "max_fps": 30,
+            "use_adaln_lora": True, "adaln_lora_dim": 256, "extra_per_block_abs_pos_emb": False,
+            "rope_h_extrapolation_ratio": 4.0, "rope_w_extrapolation_ratio": 4.0,
+            "rope_t_extrapolation_ratio": 1.0, "extra_h_extrapolation_ratio": 1.0,
+            "extra_w_extrapolation_ratio": 1.0, "extra_t_extrapolation_ratio": 1.0,
+            "rope_enable_fps_modulation": False}
 
 
 FAMILIES: dict[str, Family] = {f.name: f for f in [
@@ -186,6 +258,69 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
         "full": _qwen_image(60, 24),
     }, latent_channels=16, context=(128, 3584), output_layer="proj_out", vae="wan21",
         notes="not detectable at small widths"),
+    Family("ltxv", "LTXV", {
+        "tiny": _ltxv(2, 8),
+        "bench": _ltxv(8, 24),
+        "full": _ltxv(28, 64),
+    }, latent_channels=128, video=True, temporal_ratio=8, spatial_ratio=32, context=(128, 4096),
+        cond_extras=("attention_mask",), detectable=("tiny", "bench", "full"), vae="ltxv",
+        output_layer="proj_out",
+        notes="full is LTX-Video 2B; 32 heads at every size, as ComfyUI's detection assumes"),
+    Family("chroma", "Chroma", {
+        "tiny": _chroma(256, 2, 2, 2, context=256, approx_hidden=512, approx_layers=2),
+        "bench": _chroma(512, 4, 4, 8, approx_hidden=1024),
+        "full": _chroma(3072, 24, 19, 38),
+    }, latent_channels=16, context=(256, 4096), cond_extras=("no_pooled",), detectable=("full",),
+        notes="Flux layout without the pooled vector and guidance: modulations come from an "
+              "approximator MLP; real CFG"),
+    Family("wan22_5b", "WAN22_T2V", {
+        "tiny": _wan22(256, 512, 2),
+        "bench": _wan22(768, 3072, 8),
+        "full": _wan22(3072, 14336, 30),
+    }, latent_channels=48, video=True, temporal_ratio=4, spatial_ratio=16, context=(512, 4096),
+        detectable=("tiny", "bench", "full"), vae="wan22", output_layer="head.head",
+        notes="full is Wan 2.2 TI2V 5B (Wan 2.2 14B is the wan21 architecture as two experts)"),
+    Family("mochi", "GenmoMochi", {
+        "tiny": _mochi(256, 128, 2, 2, t5=256),
+        "bench": _mochi(512, 256, 4, 8, t5=1024),
+        "full": _mochi(3072, 1536, 24, 48),
+    }, latent_channels=12, video=True, temporal_ratio=6, context=(256, 4096),
+        cond_extras=("attention_mask",), detectable=("full",), vae="mochi",
+        notes="asymmetric joint DiT (text stream half the width); detection fixes the full widths"),
+    Family("auraflow", "AuraFlow", {
+        "tiny": _auraflow(256, 1, 1, 2, context=256, max_seq=256),
+        "bench": _auraflow(512, 2, 2, 8, context=1024),
+        "full": _auraflow(3072, 12, 4, 32),
+    }, latent_channels=4, context=(256, 2048), detectable=("full",), output_layer="final_linear",
+        notes="MMDiT blocks then DiT blocks on the joint sequence; detection fixes width 3072"),
+    Family("hunyuan_dit", "HunyuanDiT", {
+        "tiny": _hunyuan_dit(256, 2, heads=2, text=256, text_t5=256),
+        "bench": _hunyuan_dit(768, 10, heads=12, text=1024, text_t5=512),
+        "full": _hunyuan_dit(1408, 40, mlp_ratio=4.3637),
+    }, latent_channels=4, context=(77, 1024), cond_extras=("attention_mask", "mt5"),
+        detectable=("full",), notes="Hunyuan-DiT v1.2: long skip connections between the block "
+                                    "halves; CLIP (BERT) and mT5 text streams"),
+    Family("hidream", "HiDream", {
+        "tiny": _hidream(2, 1, 2, caption=256, pooled=128),
+        "bench": _hidream(3, 2, 8, caption=1024),
+        "full": _hidream(20, 16, 32, llama_layers=list(range(32)) + [31] * 16),
+    }, latent_channels=16, context=(128, 4096), pooled=2048, cond_extras=("llama3",),
+        detectable=("full",), notes="HiDream-I1: MoE feed-forwards; each block also reads one "
+                                    "Llama 3.1 hidden layer"),
+    Family("lumina2", "Lumina2", {
+        "tiny": _lumina2(192, 2, 1, 2, context=256),
+        "bench": _lumina2(576, 6, 2, 10),
+        "full": _lumina2(2304, 24, 8, 26),
+    }, latent_channels=16, context=(128, 2304), cond_extras=("attention_mask",),
+        detectable=("full",), notes="Lumina Image 2.0 NextDiT: context and noise refiners, "
+                                    "then the joint layers"),
+    Family("cosmos_predict2", "CosmosT2IPredict2", {
+        "tiny": _cosmos_predict2(256, 2, 2, context=256),
+        "bench": _cosmos_predict2(768, 10, 16),
+        "full": _cosmos_predict2(2048, 28, 16),
+    }, latent_channels=16, context=(512, 1024), detectable=("bench", "full"), vae="wan21",
+        notes="Cosmos-Predict2 2B text-to-image; below 2048 channels ComfyUI's detection gives "
+              "10 blocks of 16 heads and a 1024-wide T5 context, so tiny is in-process only"),
 ]}
 
 SIZES = ("tiny", "bench", "full")
@@ -205,12 +340,15 @@ def context_shape(fam: Family, size: str) -> tuple[int, int]:
         width = cfg["context_in_dim"]
     elif "context_embedder_config" in cfg:
         width = cfg["context_embedder_config"]["params"]["in_features"]
-    elif "caption_channels" in cfg:
+    elif "caption_channels" in cfg:  # HiDream: [T5 width, Llama width]
         width = cfg["caption_channels"]
-    elif "joint_attention_dim" in cfg:
-        width = cfg["joint_attention_dim"]
-    elif "context_dim" in cfg:
-        width = cfg["context_dim"]
+        width = width[0] if isinstance(width, (list, tuple)) else width
+    else:
+        for key in ("joint_attention_dim", "context_dim", "t5_feat_dim", "cond_seq_dim",
+                    "text_states_dim", "cap_feat_dim", "crossattn_emb_channels"):
+            if key in cfg:
+                width = cfg[key]
+                break
     return tokens, width
 
 
@@ -218,7 +356,9 @@ def pooled_width(fam: Family, size: str) -> int | None:
     cfg = fam.configs[size]
     if fam.pooled is None:
         return None
-    return cfg.get("adm_in_channels", fam.pooled) if fam.name == "sd3" else fam.pooled
+    if fam.name == "sd3":
+        return cfg.get("adm_in_channels", fam.pooled)
+    return cfg.get("text_emb_dim", fam.pooled)  # HiDream's pooled CLIP-L + CLIP-G width
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,17 +492,32 @@ def save_diffusion_model(name: str, size: str, path: Path, seed: int = 0, dtype=
 
 def vae_state_dict(name: str, seed: int = 0) -> dict[str, torch.Tensor]:
     """A VAE state dict in a format ComfyUI's `VAE` class (and `VAELoader`) detects from its keys:
-    TAESD for image families (4 or 16 latent channels), Wan 2.1's VAE for video families and
-    Qwen-Image (whose latents ComfyUI handles as one-frame videos)."""
+    TAESD for image families (4 or 16 latent channels), Wan 2.1's VAE for video families with a
+    16-channel latent and for Qwen-Image and Cosmos-Predict2 (whose latents ComfyUI handles as
+    one-frame videos), and the family's own VAE where its latent is unlike any other (Wan 2.2,
+    LTX-Video, Mochi: ComfyUI detects these only at their published sizes, 420-700M parameters)."""
     fam = family(name)
     if fam.vae == "taesd":
         from comfy.taesd.taesd import TAESD
         vae = TAESD(latent_channels=fam.latent_channels)
         sd = fill_module(vae, seed).state_dict()
         return {k: v for k, v in sd.items() if k.startswith(("taesd_encoder.", "taesd_decoder."))}
-    from comfy.ldm.wan.vae import WanVAE
-    vae = WanVAE(dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
-                 temperal_downsample=[False, True, True], dropout=0.0)
+    if fam.vae == "wan21":
+        from comfy.ldm.wan.vae import WanVAE
+        vae = WanVAE(dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                     temperal_downsample=[False, True, True], dropout=0.0)
+    elif fam.vae == "wan22":
+        from comfy.ldm.wan.vae2_2 import WanVAE
+        vae = WanVAE(dim=160, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                     temperal_downsample=[False, True, True], dropout=0.0)
+    elif fam.vae == "ltxv":
+        from comfy.ldm.lightricks.vae.causal_video_autoencoder import VideoVAE
+        vae = VideoVAE(version=0)
+    elif fam.vae == "mochi":
+        from comfy.ldm.genmo.vae.model import VideoVAE
+        vae = VideoVAE()
+    else:
+        raise ValueError(f"unknown VAE kind {fam.vae!r} for {name}")
     return fill_module(vae, seed).state_dict()
 
 
@@ -399,6 +554,24 @@ def conditioning(name: str, size: str = "tiny", prompt: str = "", batch: int = 1
         extra["pooled_output"] = torch.randn((1, pooled), generator=gen).repeat(batch, 1)
     if fam.guidance is not None:
         extra["guidance"] = fam.guidance
+    cfg = fam.configs[size]
+    for kind in fam.cond_extras:
+        if kind == "attention_mask":  # every token is a prompt token: the mask masks nothing
+            extra["attention_mask"] = torch.ones((batch, tokens), dtype=torch.long)
+        elif kind == "no_pooled":  # what CLIPTextEncode gives for a T5-only text encoder
+            extra["pooled_output"] = None
+        elif kind == "mt5":
+            t5_tokens, t5_width = cfg.get("text_len_t5", 256), cfg.get("text_states_dim_t5", 2048)
+            extra["conditioning_mt5xl"] = torch.randn((1, t5_tokens, t5_width),
+                                                      generator=gen).repeat(batch, 1, 1)
+            extra["attention_mask_mt5xl"] = torch.ones((batch, t5_tokens), dtype=torch.long)
+        elif kind == "llama3":  # [batch, Llama layers, tokens, width], the layers the blocks index
+            layers = max(cfg["llama_layers"]) + 1
+            width = cfg["caption_channels"][1]
+            extra["conditioning_llama3"] = torch.randn((1, layers, tokens, width),
+                                                       generator=gen).repeat(batch, 1, 1, 1)
+        else:
+            raise ValueError(f"unknown conditioning extra {kind!r} for {name}")
     return [[cond, extra]]
 
 

@@ -50,6 +50,23 @@ def test_saved_file_loads_through_comfyui_detection(comfy_nodes, family, tmp_pat
                        factory.sample(built, family, "tiny", steps=2))
 
 
+@pytest.mark.parametrize("family,size", [(f, s) for f in FAMILIES for s in factory.family(f).detectable])
+def test_detectable_sizes_detect_back_to_the_same_model(comfy_nodes, family, size):
+    """What `Family.detectable` promises, for every size (full ones too, cheaply: the model is built
+    on the meta device): ComfyUI's detection turns the state dict's keys and shapes back into the
+    family's supported model, with the same config and the same parameters."""
+    import comfy.model_detection
+    cfg = factory.model_config(factory.family(family), size)
+    sd = cfg.get_model({}, device="meta").diffusion_model.state_dict()
+    detected = comfy.model_detection.model_config_from_unet(sd, "")
+    assert type(detected).__name__ == factory.family(family).model_class
+    ours, theirs = cfg.unet_config, detected.unet_config
+    assert {k: ours[k] for k in ours.keys() & theirs.keys() if k != "dtype"} == \
+        {k: theirs[k] for k in ours.keys() & theirs.keys() if k != "dtype"}
+    rebuilt = detected.get_model({}, device="meta").diffusion_model.state_dict()
+    assert {k: v.shape for k, v in rebuilt.items()} == {k: v.shape for k, v in sd.items()}
+
+
 def test_undetectable_size_is_refused_with_a_reason(tmp_path):
     with pytest.raises(ValueError, match="cannot detect flux at size 'tiny'"):
         factory.save_diffusion_model("flux", "tiny", tmp_path / "x.safetensors")
@@ -62,6 +79,17 @@ def test_conditioning_matches_the_model_and_depends_on_prompt(comfy_nodes, famil
     assert a[0][0].shape == (1, *factory.context_shape(factory.family(family), "tiny"))
     assert not torch.equal(a[0][0], b[0][0])
     assert torch.equal(a[0][0], factory.conditioning(family, "tiny", "a red circle")[0][0])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tiny_model_output_depends_on_the_prompt(comfy_nodes, family):
+    """One denoising step from the same noise with two prompts: the predictions differ (caching
+    and guidance techniques assume the model reads its conditioning)."""
+    model = factory.build_model(family, "tiny")
+    a = factory.sample(model, family, "tiny", steps=1, cfg=1.0, prompt="a red circle")
+    b = factory.sample(model, family, "tiny", steps=1, cfg=1.0, prompt="a blue square")
+    assert torch.isfinite(a).all() and torch.isfinite(b).all()
+    assert float((a - b).std() / a.std()) > 1e-3
 
 
 @pytest.mark.parametrize("family", ["sd15", "flux", "wan21"])
