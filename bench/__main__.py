@@ -1,4 +1,4 @@
-"""python -m bench list | run <technique> [options] | report [--readme]"""
+"""python -m bench list | run <technique> [options] | sweep-ditcache [options] | report [--readme]"""
 from __future__ import annotations
 
 import argparse
@@ -47,6 +47,18 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--no-flops", action="store_true", help="skip the untimed FLOP-counting runs")
     run.add_argument("--params", type=_params, default={}, help="node inputs as a JSON object")
     run.add_argument("--out", type=Path, default=None, help="results file (default bench/results/...)")
+    sweep = sub.add_parser("sweep-ditcache", help="DiT block caching (fixed, searched, adaptive) against "
+                           "ComfyUI's EasyCache and LazyCache on the same model, prompts and seeds")
+    sweep.add_argument("--model", default="flux", choices=sorted(factory.FAMILIES))
+    sweep.add_argument("--size", default="bench", choices=factory.SIZES)
+    sweep.add_argument("--steps", type=_positive, default=20)
+    sweep.add_argument("--cfg", type=float, default=None, help="default: 4 (1 for guidance-distilled families)")
+    sweep.add_argument("--width", type=_positive, default=256)
+    sweep.add_argument("--height", type=_positive, default=256)
+    sweep.add_argument("--frames", type=_positive, default=9, help="video families only")
+    sweep.add_argument("--budget", type=_positive, default=3, help="configurations each search samples")
+    sweep.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    sweep.add_argument("--out", type=Path, default=None)
     report = sub.add_parser("report", help="turn bench/results/*.json into the README tables")
     report.add_argument("--readme", type=Path, default=None, help="rewrite the tables in this README")
     args = parser.parse_args(argv)
@@ -68,12 +80,20 @@ def main(argv: list[str] | None = None) -> int:
         print(table)
         return 0
 
-    from bench import runner
     if args.device == "cuda":
         import torch
         if not torch.cuda.is_available():
             print("--device cuda: no CUDA device is available here", file=sys.stderr)
             return 2
+    if args.command == "sweep-ditcache":
+        from bench import ditcache_sweep
+        result = ditcache_sweep.run(ditcache_sweep.SweepSettings(
+            family=args.model, size=args.size, steps=args.steps, cfg=args.cfg, width=args.width,
+            height=args.height, frames=args.frames, budget=args.budget, device=args.device))
+        print(ditcache_sweep.summary(result))
+        print(f"saved {ditcache_sweep.save(result, args.out)}")
+        return 0
+    from bench import runner
     settings = runner.RunSettings(
         technique=args.technique, family=args.model, size=args.size, steps=args.steps, cfg=args.cfg,
         sampler=args.sampler, scheduler=args.scheduler, width=args.width, height=args.height,

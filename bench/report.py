@@ -7,6 +7,8 @@ from pathlib import Path
 from bench.runner import RESULTS_DIR, fmt_db
 
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+FAMILIES_BEGIN, FAMILIES_END = "<!-- dit-families:begin -->", "<!-- dit-families:end -->"
+SWEEP_BEGIN, SWEEP_END = "<!-- ditcache-sweep:begin -->", "<!-- ditcache-sweep:end -->"
 
 
 def load_results(folder: Path = RESULTS_DIR) -> list[dict]:
@@ -49,10 +51,62 @@ def skipped_summary(result: dict) -> str:
     return "; ".join(parts)
 
 
+def dit_families_table() -> str:
+    """The README's table of DiT families the block cache covers, from `optim.dit_layout`."""
+    from optim import dit_layout
+    rows = ["| family | ComfyUI diffusion model class | block index space | hooked through | note |",
+            "|---|---|---|---|---|"]
+    for fam in dit_layout.FAMILIES:
+        classes = ", ".join(f"`{c.rsplit('.', 1)[1]}`" for c in fam.classes)
+        space = ", then ".join(f"`{seg.attr}`" for seg in fam.segments)
+        rows.append(f"| {fam.name} | {classes} | {space} | {fam.method} | {fam.note} |")
+    return "\n".join(rows)
+
+
+def load_sweeps(folder: Path = RESULTS_DIR / "sweeps") -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("ditcache-sweep-*.json"))]
+
+
+def sweep_tables(sweeps: list[dict]) -> str:
+    """One table per DiT caching sweep: every arm, then the comparison at equal speedup."""
+    if not sweeps:
+        return "_No sweep yet: run `python -m bench sweep-ditcache`._"
+    out = []
+    for r in sweeps:
+        device = r["versions"].get("gpu", r["device"]) if r["device"] == "cuda" else \
+            f"cpu ({r['versions']['cpu_count']} cores)"
+        out.append(f"**{r['family']}** ({r['size']}, {r['blocks']} blocks, {r['steps']} steps, cfg {r['cfg']}, "
+                   f"{r['resolution'][0]}x{r['resolution'][1]}, {len(r['cases'])} prompt/seed cases, {device}, "
+                   f"{r['weights']} weights); baseline {r['baseline']['seconds']:.1f} s for all cases.\n")
+        out.append("| arm | setting | speedup (wall) | latent PSNR dB | image PSNR dB | SSIM |\n|---|---|---|---|---|---|")
+        for a in r["arms"]:
+            out.append(f"| {a['kind']} | {a['label']} | {a['speedup']:.2f}x | {fmt_db(a['psnr_latent_db'])} | "
+                       f"{fmt_db(a['psnr_image_db'])} | {a['ssim_image']:.4f} |")
+        out.append("\n| built-in arm | its speedup, PSNR | ours at >= that speedup | margin |\n|---|---|---|---|")
+        for c in r["comparison"]:
+            if c.get("note"):
+                out.append(f"| {c['builtin']} | {c['speedup']:.2f}x, {fmt_db(c['psnr_latent_db'])} dB | {c['note']} | - |")
+            elif c["ours"] is None:
+                out.append(f"| {c['builtin']} | {c['speedup']:.2f}x, {fmt_db(c['psnr_latent_db'])} dB | none as fast | - |")
+            else:
+                out.append(f"| {c['builtin']} | {c['speedup']:.2f}x, {fmt_db(c['psnr_latent_db'])} dB | {c['ours']}: "
+                           f"{c['ours_speedup']:.2f}x, {fmt_db(c['ours_psnr_latent_db'])} dB | {c['margin_db']:+.2f} dB |")
+        out.append("")
+    return "\n".join(out).rstrip()
+
+
+def replace_section(text: str, begin: str, end: str, body: str) -> str:
+    if begin not in text or end not in text:
+        raise ValueError(f"no {begin} ... {end} section")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{begin}\n{body}\n{end}{tail}"
+
+
 def update_readme(readme: Path, table: str) -> None:
-    text = readme.read_text()
-    if BEGIN not in text or END not in text:
-        raise ValueError(f"{readme} has no {BEGIN} ... {END} section")
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    readme.write_text(f"{head}{BEGIN}\n{table}\n{END}{tail}")
+    text = replace_section(readme.read_text(), BEGIN, END, table)
+    if FAMILIES_BEGIN in text:
+        text = replace_section(text, FAMILIES_BEGIN, FAMILIES_END, dit_families_table())
+    if SWEEP_BEGIN in text:
+        text = replace_section(text, SWEEP_BEGIN, SWEEP_END, sweep_tables(load_sweeps()))
+    readme.write_text(text)

@@ -2,10 +2,12 @@
 from comfy_api.latest import ComfyExtension, io
 
 from .deepcache import OptimDeepCache
+from .ditcache import OptimDiTCache, OptimDiTCacheConfig, OptimDiTCacheLoad, OptimDiTCacheSearch
 from .noop import OptimNoop
 from .tgate import OptimTGate
 
-NODES: list[type[io.ComfyNode]] = [OptimNoop, OptimDeepCache, OptimTGate]
+NODES: list[type[io.ComfyNode]] = [OptimNoop, OptimDeepCache, OptimTGate, OptimDiTCache, OptimDiTCacheSearch,
+                                   OptimDiTCacheLoad, OptimDiTCacheConfig]
 
 
 class OptimExtension(ComfyExtension):

@@ -41,3 +41,29 @@ def test_update_readme_replaces_only_the_marked_section(tmp_path):
     (tmp_path / "bad.md").write_text("no markers")
     with pytest.raises(ValueError, match="no <!-- bench:begin -->"):
         report.update_readme(tmp_path / "bad.md", "x")
+
+
+def test_readme_family_table_is_current():
+    """The README's DiT family table is generated from optim.dit_layout (`python -m bench report --readme`)."""
+    from bench.comfy_env import REPO_ROOT
+    text = (REPO_ROOT / "README.md").read_text()
+    section = text.split(report.FAMILIES_BEGIN, 1)[1].split(report.FAMILIES_END, 1)[0].strip()
+    assert section == report.dit_families_table(), "stale: run python -m bench report --readme README.md"
+    from optim import dit_layout
+    assert len(section.splitlines()) == 2 + len(dit_layout.FAMILIES)
+
+
+def test_sweep_table_lists_arms_and_the_comparison():
+    arm = lambda kind, label, speed, db: {"kind": kind, "label": label, "speedup": speed, "psnr_latent_db": db,
+                                          "psnr_image_db": db - 5, "ssim_image": 0.9}
+    sweep = {"family": "flux", "size": "bench", "blocks": 12, "steps": 20, "cfg": 1.0, "resolution": [256, 256],
+             "cases": [["a", 1], ["b", 2]], "device": "cpu", "weights": "generated", "versions": {"cpu_count": 2},
+             "baseline": {"seconds": 40.0},
+             "arms": [arm("ours: searched", "target 1.5x", 1.52, 33.0), arm("built-in: LazyCache", "0.2", 1.4, 29.5)],
+             "comparison": [{"builtin": "built-in: LazyCache 0.2", "speedup": 1.4, "psnr_latent_db": 29.5,
+                             "ours": "ours: searched target 1.5x", "ours_speedup": 1.52,
+                             "ours_psnr_latent_db": 33.0, "margin_db": 3.5}]}
+    table = report.sweep_tables([sweep])
+    assert "| ours: searched | target 1.5x | 1.52x | 33.00 | 28.00 | 0.9000 |" in table
+    assert "| built-in: LazyCache 0.2 | 1.40x, 29.50 dB | ours: searched target 1.5x: 1.52x, 33.00 dB | +3.50 dB |" in table
+    assert report.sweep_tables([]).startswith("_No sweep yet")

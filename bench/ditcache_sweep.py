@@ -1,0 +1,224 @@
+"""DiT block caching against ComfyUI's built-in EasyCache and LazyCache, in one process, on the
+same model, prompts and seeds.
+
+Arms: fixed configurations, searched configurations at several target speedups (the search
+calibrates on its own prompt and seed, not on the evaluation cases), the adaptive mode at several
+thresholds, EasyCache and LazyCache at several thresholds. Every arm samples every case; the
+baseline (no cache) is sampled before and after the arms and its median time per case is the
+reference. Reported per arm: wall-time speedup, model calls, what the technique skipped, latent
+PSNR, decoded-image PSNR and SSIM against the uncached output. Then, for each EasyCache/LazyCache
+arm, our best arm at the same or higher measured speedup and the PSNR margin.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.runner import RESULTS_DIR, _count_calls, _versions, technique_stats
+
+CASES = (("a red fox in fresh snow, morning light", 1), ("a neon city street at night, rain", 2))
+CALIBRATION = ("a bowl of fruit on a wooden table", 100)
+
+
+@dataclass
+class SweepSettings:
+    family: str = "flux"
+    size: str = "bench"
+    steps: int = 20
+    cfg: float | None = None
+    width: int = 256
+    height: int = 256
+    frames: int = 9
+    targets: tuple = (1.3, 1.5, 2.0)
+    adaptive: tuple = (0.1, 0.2, 0.4)
+    easycache: tuple = (0.2, 0.5, 1.0)
+    lazycache: tuple = (0.1, 0.2, 0.4)
+    budget: int = 3
+    cases: tuple = CASES
+    device: str = "cpu"
+    fixed: list = field(default_factory=lambda: [
+        {"cache_block_start": 1, "cache_num_blocks": -1, "cache_step_start": 2, "cache_step_interval": 2},
+        {"cache_block_start": 1, "cache_num_blocks": -1, "cache_step_start": 4, "cache_step_interval": 3}])
+
+
+def _node(node_id):
+    import nodes as comfy_nodes
+    return comfy_nodes.NODE_CLASS_MAPPINGS[node_id]
+
+
+def run(s: SweepSettings, log=print) -> dict:
+    from bench import comfy_env
+    comfy_env.load_comfyui_in_process(Path(tempfile.mkdtemp(prefix="optim-sweep-")), s.device)
+    import torch
+    from bench import factory
+    from optim import ditcache, ditcache_search
+    from optim.metrics import psnr, ssim
+
+    fam = factory.family(s.family)
+    cfg = s.cfg if s.cfg is not None else (1.0 if fam.guidance is not None else 4.0)
+    log(f"building {fam.name} ({s.size}) with generated weights ...")
+    base = factory.build_model(fam.name, s.size)
+    vae = factory.build_vae(fam.name)
+    n_blocks = len(ditcache.model_blocks(base.get_model_object("diffusion_model"))[1])
+
+    def sample(model, prompt, seed, steps=None):
+        return factory.sample(model, fam.name, s.size, steps=steps or s.steps, cfg=cfg, seed=seed,
+                              width=s.width, height=s.height, frames=s.frames, prompt=prompt)
+
+    def decode(latent):
+        with torch.inference_mode():
+            return vae.decode(latent).float().cpu()
+
+    sample(base, *s.cases[0], steps=2)   # warm-up
+    arms: list[tuple[str, str, dict, object]] = []   # (kind, label, params, model)
+    for fixed in s.fixed:
+        config = ditcache.DiTCacheConfig(**fixed)
+        m = base.clone()
+        ditcache.attach(m, config)
+        arms.append(("ours: fixed", _label(config, n_blocks), fixed, m))
+
+    log("calibrating the search (its own prompt and seed) ...")
+    prompt, seed = CALIBRATION
+    search_sample = lambda p, sd: sample(p, prompt, sd)
+    calibration = ditcache_search.calibrate(base, search_sample, [seed])
+    searches = {}
+    for target in s.targets:
+        t0 = time.perf_counter()
+        result = ditcache_search.search(base, search_sample, [seed], target, s.budget, calibration=calibration)
+        searches[target] = {"seconds": time.perf_counter() - t0, "best": result.best.as_dict(),
+                            "evaluated": [e.as_dict() for e in result.evaluated],
+                            "candidates": result.candidates_considered}
+        m = base.clone()
+        ditcache.attach(m, result.best.config)
+        arms.append(("ours: searched", f"target {target}x: {_label(result.best.config, n_blocks)}",
+                     {"target_speedup": target, **result.best.as_dict()["config"]}, m))
+        log(f"  target {target}: {result.report()}")
+    for threshold in s.adaptive:
+        config = ditcache.DiTCacheConfig(mode="adaptive", threshold=threshold, cache_block_start=1,
+                                         cache_num_blocks=-1, cache_step_start=2, max_consecutive=3)
+        m = base.clone()
+        ditcache.attach(m, config)
+        arms.append(("ours: adaptive", f"threshold {threshold}", {"threshold": threshold}, m))
+    for node_id, thresholds in (("EasyCache", s.easycache), ("LazyCache", s.lazycache)):
+        for threshold in thresholds:
+            m = _node(node_id).execute(model=base, reuse_threshold=threshold, start_percent=0.15,
+                                       end_percent=0.95, verbose=False).result[0]
+            arms.append((f"built-in: {node_id}", f"reuse_threshold {threshold}",
+                         {"reuse_threshold": threshold}, m))
+
+    counter = [0]
+    def timed(model, case):
+        counted = _count_calls(model, counter)
+        counter[0] = 0
+        t0 = time.perf_counter()
+        out = sample(counted, *case)
+        if s.device == "cuda":
+            torch.cuda.synchronize()
+        return out, time.perf_counter() - t0, counter[0]
+
+    log("baseline ...")
+    references, base_times, base_calls = [], [[] for _ in s.cases], 0
+    for i, case in enumerate(s.cases):
+        out, seconds, base_calls = timed(base, case)
+        references.append(out)
+        base_times[i].append(seconds)
+    rows = []
+    for kind, label, params, model in arms:
+        outs, seconds, calls = [], 0.0, 0
+        for case in s.cases:
+            out, sec, n = timed(model, case)
+            outs.append(out)
+            seconds += sec
+            calls += n
+        stats = technique_stats(model)
+        rows.append({"kind": kind, "label": label, "params": params, "seconds": seconds,
+                     "model_calls": calls, "outputs": outs, "stats": stats})
+        log(f"  {kind} {label}: {seconds:.2f} s, {calls} calls")
+    for i, case in enumerate(s.cases):   # baseline again after the arms: drift shows up in the median
+        base_times[i].append(timed(base, case)[1])
+    ref_seconds = sum(statistics.median(t) for t in base_times)
+    ref_latent = torch.cat(references)
+    ref_images = decode(ref_latent)
+    for row in rows:
+        out = torch.cat(row.pop("outputs"))
+        images = decode(out)
+        row.update(speedup=ref_seconds / row["seconds"], psnr_latent_db=psnr(ref_latent, out),
+                   psnr_image_db=psnr(ref_images, images, data_range=1.0), ssim_image=ssim(ref_images, images),
+                   skipped=_skipped(row["stats"], base_calls * len(s.cases), row["model_calls"]))
+    return {
+        "family": fam.name, "size": s.size, "blocks": n_blocks, "steps": s.steps, "cfg": cfg,
+        "resolution": [s.width, s.height], "frames": s.frames if fam.video else 1,
+        "cases": [list(c) for c in s.cases], "calibration_case": list(CALIBRATION), "device": s.device,
+        "weights": "generated", "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"), "versions": _versions(),
+        "baseline": {"seconds": ref_seconds, "times_s": base_times, "model_calls": base_calls * len(s.cases)},
+        "arms": rows, "searches": {str(k): v for k, v in searches.items()},
+        "comparison": compare(rows),
+    }
+
+
+def _label(config, n_blocks) -> str:
+    a, end = config.block_range(n_blocks)
+    return (f"blocks {a}..{end - 1} of {n_blocks}, from step {config.cache_step_start}, "
+            f"refresh every {config.cache_step_interval}")
+
+
+def _skipped(stats: dict, base_calls: int, calls: int) -> str:
+    for value in stats.values():
+        if "blocks_skipped" in value:
+            return (f"{value['calls_cached']}/{value['calls']} calls reused blocks "
+                    f"{value['cached_blocks']}/{value['blocks_per_call']} (last case)")
+    return f"model calls {base_calls} -> {calls}"
+
+
+def compare(rows: list[dict]) -> list[dict]:
+    """For every built-in arm: our best PSNR at the same or higher measured speedup."""
+    ours = [r for r in rows if r["kind"].startswith("ours")]
+    out = []
+    for theirs in (r for r in rows if r["kind"].startswith("built-in")):
+        if theirs["psnr_latent_db"] == float("inf"):
+            out.append({"builtin": f"{theirs['kind']} {theirs['label']}", "speedup": theirs["speedup"],
+                        "psnr_latent_db": theirs["psnr_latent_db"],
+                        "note": "skipped nothing (output identical): no comparison at this setting"})
+            continue
+        faster = [r for r in ours if r["speedup"] >= theirs["speedup"] * 0.97]
+        best = max(faster, key=lambda r: r["psnr_latent_db"], default=None)
+        out.append({"builtin": f"{theirs['kind']} {theirs['label']}", "speedup": theirs["speedup"],
+                    "psnr_latent_db": theirs["psnr_latent_db"],
+                    "ours": None if best is None else f"{best['kind']} {best['label']}",
+                    "ours_speedup": None if best is None else best["speedup"],
+                    "ours_psnr_latent_db": None if best is None else best["psnr_latent_db"],
+                    "margin_db": None if best is None else best["psnr_latent_db"] - theirs["psnr_latent_db"]})
+    return out
+
+
+def summary(result: dict) -> str:
+    lines = [f"DiT caching sweep on {result['family']} ({result['size']}, {result['blocks']} blocks, "
+             f"{result['steps']} steps, cfg {result['cfg']}, {result['resolution'][0]}x{result['resolution'][1]}, "
+             f"{len(result['cases'])} prompt/seed cases, {result['device']}); baseline "
+             f"{result['baseline']['seconds']:.2f} s",
+             f"{'arm':58s} {'speedup':>8s} {'calls':>6s} {'lat dB':>7s} {'img dB':>7s} {'SSIM':>6s}"]
+    for r in result["arms"]:
+        lines.append(f"{(r['kind'] + ' ' + r['label'])[:58]:58s} {r['speedup']:7.2f}x {r['model_calls']:6d} "
+                     f"{r['psnr_latent_db']:7.2f} {r['psnr_image_db']:7.2f} {r['ssim_image']:6.3f}")
+    lines.append("at equal or higher speedup:")
+    for c in result["comparison"]:
+        if c.get("note"):
+            lines.append(f"  {c['builtin']}: {c['speedup']:.2f}x, {c['note']}")
+        elif c["ours"] is None:
+            lines.append(f"  {c['builtin']}: {c['speedup']:.2f}x at {c['psnr_latent_db']:.2f} dB; none of ours as fast")
+        else:
+            lines.append(f"  {c['builtin']}: {c['speedup']:.2f}x at {c['psnr_latent_db']:.2f} dB; "
+                         f"{c['ours']}: {c['ours_speedup']:.2f}x at {c['ours_psnr_latent_db']:.2f} dB "
+                         f"({c['margin_db']:+.2f} dB)")
+    return "\n".join(lines)
+
+
+def save(result: dict, out: Path | None = None) -> Path:
+    out = out or RESULTS_DIR / "sweeps" / f"ditcache-sweep-{result['family']}-{result['size']}-{result['device']}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    return out
