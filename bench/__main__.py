@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     sweep.add_argument("--width", type=_positive, default=256)
     sweep.add_argument("--height", type=_positive, default=256)
     sweep.add_argument("--frames", type=_positive, default=9, help="video families only")
-    sweep.add_argument("--budget", type=_positive, default=3, help="configurations each search samples")
+    sweep.add_argument("--budget", type=_positive, default=4, help="configurations each search samples")
     sweep.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     sweep.add_argument("--out", type=Path, default=None)
     report = sub.add_parser("report", help="turn bench/results/*.json into the README tables")

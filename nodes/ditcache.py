@@ -80,6 +80,9 @@ class OptimDiTCache(io.ComfyNode):
                 io.Boolean.Input("force", default=False,
                                  tooltip="adaptive: also cache schedules under 8 steps (distilled "
                                          "models), where it otherwise steps aside."),
+                io.Int.Input("delta_order", default=0, min=0, max=1, optional=True,
+                             tooltip="0: reuse the delta of the last refresh (DitCacheAdaptor). 1: "
+                                     "extrapolate it linearly from the last two refreshes."),
                 CacheConfig.Input("config", optional=True,
                                   tooltip="A configuration from Search, Load or Config; overrides the "
                                           "widgets."),
@@ -99,11 +102,12 @@ class OptimDiTCache(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, mode="fixed", cache_block_start=1, cache_num_blocks=-1, cache_step_start=2,
-                cache_step_interval=2, threshold=0.15, max_consecutive=3, force=False,
+                cache_step_interval=2, threshold=0.15, max_consecutive=3, force=False, delta_order=0,
                 config=None) -> io.NodeOutput:
         if config is None:
             config = ditcache.DiTCacheConfig(cache_block_start, cache_num_blocks, cache_step_start,
-                                             cache_step_interval, mode, threshold, max_consecutive, force)
+                                             cache_step_interval, mode, threshold, max_consecutive, force,
+                                             delta_order)
         return io.NodeOutput(_apply(cls, model, config, "OptimDiTCache"))
 
 
@@ -243,9 +247,11 @@ class OptimDiTCacheSearch(io.ComfyNode):
                 target_speedup=1.5, budget=4, calibration_seeds=1, save_as="", overwrite=False) -> io.NodeOutput:
         import comfy.utils
         dm = model.get_model_object("diffusion_model")
-        if not ditcache.supports(dm):
-            raise ValueError(_unsupported("OptimDiTCacheSearch", model).replace(
-                "the model passes through unchanged", "there is nothing to search"))
+        if not ditcache.supports(dm):   # say so, pass the model through, run nothing
+            report = _unsupported("OptimDiTCacheSearch", model) + " (nothing was searched)"
+            log.warning(report)
+            config = ditcache.DiTCacheConfig()
+            return io.NodeOutput(model, config, report, config.to_json(), ui={"text": [report]})
         bar = comfy.utils.ProgressBar(1, node_id=node_id_of(cls))
         result = ditcache_search.search(
             model, _calibration_sampler(positive, negative, latent_image, steps, cfg, sampler_name, scheduler),

@@ -53,6 +53,7 @@ class DiTCacheConfig:
     threshold: float = 0.15          # adaptive: accumulated relative L1 change allowed
     max_consecutive: int = 3         # adaptive: longest run of reused calls
     force: bool = False              # adaptive: cache schedules under FEW_STEPS too
+    delta_order: int = 0             # 0: reuse the last delta; 1: extrapolate from the last two
     # what a searched or saved configuration was made for (None when set by hand)
     family: str | None = None
     num_blocks: int | None = None
@@ -86,6 +87,8 @@ class DiTCacheConfig:
             out.append(f"threshold must be > 0, got {self.threshold}")
         if self.max_consecutive < 1:
             out.append(f"max_consecutive must be >= 1, got {self.max_consecutive}")
+        if self.delta_order not in (0, 1):
+            out.append(f"delta_order must be 0 (reuse) or 1 (linear extrapolation), got {self.delta_order}")
         if family is not None and self.family is not None and family != self.family:
             out.append(f"this configuration was made for a {self.family} model, not {family}")
         if total_blocks is not None and not out:
@@ -181,6 +184,8 @@ class _Call:
 @dataclass
 class _Run:
     deltas: dict = field(default_factory=dict)        # (segment, uuid) -> {stream: delta chunk}
+    older: dict = field(default_factory=dict)         # (segment, uuid) -> the refresh before: (step, deltas)
+    delta_step: dict = field(default_factory=dict)    # (segment, uuid) -> step of the stored delta
     keys: dict = field(default_factory=dict)          # segment -> stream keys the blocks return
     seg_in: dict = field(default_factory=dict)        # segment -> streams at its first block (this call)
     prev_input: dict = field(default_factory=dict)    # uuid -> range input of the previous call
@@ -286,7 +291,7 @@ class DiTCache:
         n = len(call.uuids)
         out = {}
         for k in keys:
-            deltas = [run.deltas[(seg, u)].get(k) for u in call.uuids]
+            deltas = [self._delta_now(run, seg, u, k, call.step) for u in call.uuids]
             base = run.seg_in[seg].get(k)
             if base is None or any(d is None for d in deltas):
                 out[k] = streams.get(k)
@@ -294,6 +299,18 @@ class DiTCache:
                 delta = deltas[0] if n == 1 else torch.cat(deltas, dim=0)
                 out[k] = base + delta.to(base.dtype)
         return out
+
+    def _delta_now(self, run: _Run, seg: int, u, k: str, step: int):
+        """The stored delta, or with delta_order 1 its linear extrapolation from the last two
+        refreshes to this step (a first-order Taylor step over the step index)."""
+        d1 = run.deltas[(seg, u)].get(k)
+        if self.config.delta_order == 0 or d1 is None or (seg, u) not in run.older:
+            return d1
+        s0, older = run.older[(seg, u)]
+        d0, s1 = older.get(k), run.delta_step[(seg, u)]
+        if d0 is None or s1 <= s0 or d0.shape != d1.shape:
+            return d1
+        return d1 + (d1 - d0) * ((step - s1) / (s1 - s0))
 
     def _store_delta(self, run: _Run, call: _Call, seg: int, out: dict) -> None:
         run.keys[seg] = tuple(out.keys())
@@ -309,7 +326,11 @@ class DiTCache:
         if "img" not in per_uuid[0]:
             return  # the image stream changed shape inside the range: this range is never reused
         for u, d in zip(call.uuids, per_uuid):
-            run.deltas[(seg, u)] = d
+            key = (seg, u)
+            if self.config.delta_order and key in run.deltas and run.delta_step[key] < call.step:
+                run.older[key] = (run.delta_step[key], run.deltas[key])
+            run.deltas[key] = d
+            run.delta_step[key] = call.step
 
     # -- ComfyUI wrappers -------------------------------------------------------------------------
     def apply_model(self, executor, *args, **kwargs):

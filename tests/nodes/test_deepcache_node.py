@@ -97,15 +97,9 @@ def test_start_and_end_percent_limit_caching(dc, unet):
     assert 0 < stats["shallow_calls"] < 5
 
 
-def test_lora_style_weight_patch_applies_before_or_after(dc, unet):
+def test_lora_style_weight_patch_applies_before_or_after(dc, unet, with_lora):
     key = "diffusion_model.input_blocks.1.0.in_layers.2.weight"
-    delta = torch.full_like(unet.model.state_dict()[key], 0.01)
-
-    def with_patch(m):
-        m = m.clone()
-        m.add_patches({key: (delta,)}, strength_patch=1.0)
-        return m
-
+    with_patch = lambda m: with_lora(m, key)   # noqa: E731
     before = sample(apply(dc, with_patch(unet), cache_interval=3))
     after = sample(with_patch(apply(dc, unet, cache_interval=3)))
     cached_plain = sample(apply(dc, unet, cache_interval=3))

@@ -103,28 +103,18 @@ def test_run_twice_identical_and_img2img(node, flux):
     assert torch.isfinite(out).all() and ctl_of(patched).last_stats["calls_cached"] > 0
 
 
-def test_lora_before_or_after(node, flux):
+def test_lora_before_or_after(node, flux, with_lora):
     key = "diffusion_model.double_blocks.0.img_attn.qkv.weight"
-    delta = torch.full_like(flux.model.state_dict()[key], 0.01)
-
-    def with_lora(m):
-        m = m.clone()
-        m.add_patches({key: (delta,)}, strength_patch=1.0)
-        return m
-
-    before = run(apply(node, with_lora(flux), cache_block_start=1))
-    after = run(with_lora(apply(node, flux, cache_block_start=1)))
+    before = run(apply(node, with_lora(flux, key), cache_block_start=1))
+    after = run(with_lora(apply(node, flux, cache_block_start=1), key))
     assert torch.equal(before, after)
     assert not torch.equal(before, run(apply(node, flux, cache_block_start=1)))
 
 
-def test_block_views_path_with_lora(node, comfy_nodes):
+def test_block_views_path_with_lora(node, comfy_nodes, with_lora):
     """PixArt has no block replace: views of its blocks share the weights a LoRA patches."""
     pixart = factory.build_model("pixart", "tiny")
-    key = "diffusion_model.blocks.0.attn.qkv.weight"
-    delta = torch.full_like(pixart.model.state_dict()[key], 0.01)
-    lora = pixart.clone()
-    lora.add_patches({key: (delta,)}, strength_patch=1.0)
+    lora = with_lora(pixart, "diffusion_model.blocks.0.attn.qkv.weight")
     args = dict(steps=8, cfg=4.0, width=384, height=384)
     before = factory.sample(apply(node, lora, cache_step_interval=1), "pixart", **args)
     assert torch.equal(before, factory.sample(lora, "pixart", **args))
@@ -152,6 +142,13 @@ def test_unsupported_model_passes_through_with_a_warning(node, comfy_nodes, capl
     with caplog.at_level(logging.WARNING, logger="comfyui-optim"):
         assert node.execute(model=sd15).result[0] is sd15
     assert "SD15" in caplog.text and "UNetModel" in caplog.text and "passes through unchanged" in caplog.text
+    search = comfy_nodes.NODE_CLASS_MAPPINGS["OptimDiTCacheSearch"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="comfyui-optim"):
+        model, _, report, _ = search.execute(
+            model=sd15, positive=None, negative=None, latent_image=None, seed=0, steps=10, cfg=1.0,
+            sampler_name="euler", scheduler="simple").result
+    assert model is sd15 and "nothing was searched" in report and "SD15" in caplog.text
 
 
 def test_bad_configurations_say_what_is_wrong(node, flux):

@@ -124,7 +124,7 @@ def test_torch_compile_model_before_or_after_the_stack(nodes_, unet, comfy_nodes
         torch.testing.assert_close(sample(model, steps=6), eager, rtol=1e-3, atol=2e-2)
 
 
-def test_img2img_and_lora_before_or_after(nodes_, unet):
+def test_img2img_and_lora_before_or_after(nodes_, unet, with_lora):
     tg, _ = nodes_
     start = {"samples": torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))}
     patched = tg.execute(model=unet, gate_percent=0.4).result[0]
@@ -132,14 +132,7 @@ def test_img2img_and_lora_before_or_after(nodes_, unet):
     assert torch.isfinite(out).all() and tg_of(patched).last_stats["cross_attn_reused"] > 0
 
     key = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
-    delta = torch.full_like(unet.model.state_dict()[key], 0.01)
-
-    def with_lora(m):
-        m = m.clone()
-        m.add_patches({key: (delta,)}, strength_patch=1.0)
-        return m
-
-    before = sample(tg.execute(model=with_lora(unet), gate_percent=0.4).result[0])
-    after = sample(with_lora(tg.execute(model=unet, gate_percent=0.4).result[0]))
+    before = sample(tg.execute(model=with_lora(unet, key), gate_percent=0.4).result[0])
+    after = sample(with_lora(tg.execute(model=unet, gate_percent=0.4).result[0], key))
     assert torch.equal(before, after)
     assert not torch.equal(before, sample(patched))

@@ -43,6 +43,17 @@ def forward(x, ctl=None, log=None):
     return img
 
 
+def boundary(x, upto):
+    """Hidden state entering block `upto` of the uncached toy (single-list layout for upto >= 2)."""
+    img, txt = x, x.flip(1) * 0.5
+    for i in range(upto):
+        o = double(i, img, txt) if i < 2 else single(i - 2, img)
+        img, txt = o["img"], o.get("txt", txt)
+        if i == 1:
+            img = torch.cat((txt, img), 1)
+    return img, txt
+
+
 SCHEDULE = torch.linspace(1.0, 0.0, 11)
 
 
@@ -93,15 +104,6 @@ def test_reused_call_returns_range_input_plus_refresh_delta_across_block_lists()
     ctl = controller(cache_block_start=1, cache_num_blocks=2, cache_step_start=1, cache_step_interval=2)
     xs = inputs()
     outs = sample(ctl, xs)
-
-    def boundary(x, upto):   # hidden state entering block `upto`, in single-list layout for upto >= 2
-        img, txt = x, x.flip(1) * 0.5
-        for i in range(upto):
-            o = double(i, img, txt) if i < 2 else single(i - 2, img)
-            img, txt = o["img"], o.get("txt", txt)
-            if i == 1:
-                img = torch.cat((txt, img), 1)
-        return img, txt
 
     def range_in(x):  # block 1's input, in the layout after the glue
         img, txt = boundary(x, 1)
@@ -252,3 +254,18 @@ def test_mismatches_name_each_setting():
     cfg = ditcache.DiTCacheConfig(steps=28, sampler="euler", num_blocks=57)
     assert cfg.mismatches(steps=20, sampler="euler", total_blocks=57) == ["steps: made for 28, used with 20"]
     assert ditcache.DiTCacheConfig().mismatches(steps=20) == []
+
+
+def test_delta_order_one_extrapolates_from_the_last_two_refreshes():
+    ctl = controller(cache_block_start=2, cache_num_blocks=2, cache_step_start=1, cache_step_interval=2,
+                     delta_order=1)
+    xs = inputs()
+    outs = sample(ctl, xs)
+    delta = {s: boundary(xs[s], 4)[0] - boundary(xs[s], 2)[0] for s in (0, 1, 3)}
+    # step 2 reuses: refreshes at 0 and 1, one step on
+    torch.testing.assert_close(outs[2], boundary(xs[2], 2)[0] + delta[1] + (delta[1] - delta[0]))
+    # step 4: refreshes at 1 and 3, one step on from 3 at half the two-step slope
+    torch.testing.assert_close(outs[4], boundary(xs[4], 2)[0] + delta[3] + (delta[3] - delta[1]) / 2)
+    plain = sample(controller(cache_block_start=2, cache_num_blocks=2, cache_step_start=1,
+                              cache_step_interval=2), xs)
+    torch.testing.assert_close(plain[2], boundary(xs[2], 2)[0] + delta[1])
