@@ -41,6 +41,9 @@ def skipped_summary(result: dict) -> str:
     for key, stats in result.get("technique_stats", {}).items():
         if "shallow_calls" in stats:
             parts.append(f"{stats['shallow_calls']}/{stats['shallow_calls'] + stats['full_calls']} UNet calls shallow")
+        if "blocks_skipped" in stats:
+            parts.append(f"{stats['calls_cached']}/{stats['calls']} calls skipped {stats['cached_blocks']} of "
+                         f"{stats['blocks_per_call']} blocks")
         if "cross_attn_reused" in stats:
             total = stats["cross_attn_reused"] + stats["cross_attn_computed"]
             parts.append(f"{stats['cross_attn_reused']}/{total} cross-attn reused, "

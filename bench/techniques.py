@@ -15,7 +15,8 @@ TGATE_FAMILIES = (*UNET_FAMILIES, "pixart")
 DEEPCACHE = {"cache_branch_id": 0, "skip_mode": "uniform", "start_percent": 0.0, "end_percent": 1.0,
              "center": 15, "power": 1.4}
 TGATE = {"gate_percent": 0.4, "gate_step": -1, "self_attn_interval": 0, "drop_uncond": True}
-DIT_FAMILIES = ("flux", "wan21", "sd3", "hunyuan_video", "qwen_image", "pixart")
+DIT_FAMILIES = ("flux", "chroma", "wan21", "wan22_5b", "sd3", "hunyuan_video", "qwen_image", "pixart", "ltxv",
+                "mochi", "auraflow", "hunyuan_dit", "hidream", "lumina2", "cosmos_predict2")
 DITCACHE = {"mode": "fixed", "cache_block_start": 1, "cache_num_blocks": -1, "cache_step_start": 2,
             "cache_step_interval": 2, "threshold": 0.15, "max_consecutive": 3, "force": False}
 BUILTIN_CACHE = {"reuse_threshold": 0.2, "start_percent": 0.15, "end_percent": 0.95, "verbose": False}
@@ -56,6 +57,8 @@ TECHNIQUES: dict[str, Technique] = {t.name: t for t in [
               (("OptimDeepCache", {"cache_interval": 3, **DEEPCACHE}), ("OptimTGate", TGATE)), UNET_FAMILIES),
     Technique("ditcache", "DiT block cache, blocks 1..N-2, from step 2, refresh every 2nd step",
               (("OptimDiTCache", DITCACHE),), DIT_FAMILIES),
+    Technique("ditcache_wide", "DiT block cache over every block but the last (fits the 2-block tiny models)",
+              (("OptimDiTCache", {**DITCACHE, "cache_block_start": 0}),), DIT_FAMILIES),
     Technique("ditcache_adaptive", "DiT block cache, adaptive, threshold 0.15, at most 3 reuses in a row",
               (("OptimDiTCache", {**DITCACHE, "mode": "adaptive"}),), DIT_FAMILIES),
     Technique("easycache", "ComfyUI's built-in EasyCache, reuse_threshold 0.2 (for comparison)",

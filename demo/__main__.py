@@ -23,8 +23,8 @@ HELPERS = REPO_ROOT / "tests" / "helper_nodes" / "optim_test_nodes"
 # stacks, so the demo shows what the benchmarks measure). Techniques join as they land.
 DEMOS: dict[str, list[str]] = {
     "sd15": ["noop", "deepcache3", "tgate", "tgate_deepcache3"],
-    "sd3": ["noop"],
-    "wan21": ["noop"],
+    "sd3": ["noop", "ditcache_wide"],
+    "wan21": ["noop", "ditcache_wide"],
 }
 
 

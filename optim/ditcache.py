@@ -361,9 +361,11 @@ class DiTCache:
             return None
         if run.stats.steps is None:
             run.stats.steps = n
-            if cfg.cache_step_start >= n and cfg.mode == "fixed":
-                raise ValueError(f"OptimDiTCache: cache_step_start {cfg.cache_step_start} is beyond this "
-                                 f"schedule of {n} steps, so nothing would be cached; lower it")
+            if cfg.cache_step_start >= n:
+                # A configuration made for other steps is refused at validation; a hand-set start
+                # past a short run (a preview, a refiner pass) is no reason to lose the run.
+                log.warning("OptimDiTCache: cache_step_start %d is beyond this schedule of %d steps; "
+                            "this run is not cached", cfg.cache_step_start, n)
             if cfg.mode == "adaptive" and n < FEW_STEPS and not cfg.force:
                 run.stats.stepped_aside = True
                 log.warning("OptimDiTCache: %d steps is a few-step schedule; the adaptive cache steps "

@@ -206,11 +206,13 @@ def test_control_residuals_run_every_block():
     assert all(torch.equal(o, forward(x)) for o, x in zip(outs, xs))
 
 
-def test_step_start_beyond_the_schedule_is_an_error():
+def test_step_start_beyond_the_schedule_warns_and_runs_uncached(caplog):
     ctl = controller(cache_step_start=10)
-    with pytest.raises(ValueError, match="beyond this schedule of 10 steps"):
-        sample(ctl, inputs())
-    assert ctl.run is None   # the per-run state is dropped even when the run fails
+    xs = inputs()
+    outs = sample(ctl, xs)
+    assert "beyond this schedule of 10 steps" in caplog.text
+    assert ctl.last_stats["calls_cached"] == 0 and all(torch.equal(o, forward(x)) for o, x in zip(outs, xs))
+    assert ctl.run is None   # the per-run state is dropped after the run
 
 
 @pytest.mark.parametrize("kw,message", [

@@ -67,3 +67,10 @@ def test_sweep_table_lists_arms_and_the_comparison():
     assert "| ours: searched | target 1.5x | 1.52x | 33.00 | 28.00 | 0.9000 |" in table
     assert "| built-in: LazyCache 0.2 | 1.40x, 29.50 dB | ours: searched target 1.5x: 1.52x, 33.00 dB | +3.50 dB |" in table
     assert report.sweep_tables([]).startswith("_No sweep yet")
+
+
+def test_dit_cache_stats_are_summarised():
+    r = result(technique="ditcache", family="flux", speedup=1.66)
+    r["technique_stats"] = {"comfyui-optim.ditcache": {"calls": 20, "calls_cached": 9, "cached_blocks": 10,
+                                                       "blocks_per_call": 12, "blocks_skipped": 90}}
+    assert "| 9/20 calls skipped 10 of 12 blocks |" in report.markdown_tables([r])
