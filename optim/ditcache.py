@@ -259,23 +259,11 @@ class DiTCache:
         seg = ref.segment
         first, last = self.segment_bounds[seg]
         if ref.index == self.start:
-            img = streams.get("img")
-            if self.config.mode == "adaptive":
-                call.refresh = self._decide_adaptive(run, call, img) or bool(call.refresh)
-            if not call.refresh and not self._deltas_ready(run, call.uuids, img):
-                call.refresh = True
-            if call.refresh:
-                run.consecutive = 0
-                run.change = {u: 0.0 for u in run.change}
-            else:
-                run.consecutive += 1
-        if ref.index == self.start and call.refresh:
-            _sync(streams.get("img"))
-            call.range_started = time.perf_counter()
-        if ref.index == first:
-            run.seg_in[seg] = {k: v for k, v in streams.items() if isinstance(v, torch.Tensor)}
-            if not call.refresh:
-                run.seg_in[seg] = {k: v.clone() for k, v in run.seg_in[seg].items()}
+            self._decide(run, call, streams.get("img"))
+        if ref.index == first:   # the block list's input: what its delta is measured from / added to
+            tensors = {k: v for k, v in streams.items() if isinstance(v, torch.Tensor)}
+            # on a reused call the blocks pass their input on, and the model may add to it in place
+            run.seg_in[seg] = tensors if call.refresh else {k: v.clone() for k, v in tensors.items()}
         if call.refresh:
             out = run_original()
             if ref.index == last:
@@ -285,18 +273,34 @@ class DiTCache:
                 run.refresh_range_time += time.perf_counter() - call.range_started
                 run.refresh_calls += 1
             return out
-        keys = run.keys[seg]
         if ref.index != last:
-            return {k: streams.get(k) for k in keys}
-        n = len(call.uuids)
+            return {k: streams.get(k) for k in run.keys[seg]}
+        return self._reused_output(run, call, seg, streams)
+
+    def _decide(self, run: _Run, call: _Call, img) -> None:
+        """At the range's first block: refresh or reuse, for the whole call."""
+        if self.config.mode == "adaptive":
+            call.refresh = self._decide_adaptive(run, call, img) or bool(call.refresh)
+        if not call.refresh and not self._deltas_ready(run, call.uuids, img):
+            call.refresh = True
+        if call.refresh:
+            run.consecutive = 0
+            run.change = {u: 0.0 for u in run.change}
+            _sync(img)
+            call.range_started = time.perf_counter()
+        else:
+            run.consecutive += 1
+
+    def _reused_output(self, run: _Run, call: _Call, seg: int, streams: dict) -> dict:
+        """The last block of a block list on a reused call: the list's input plus its delta."""
         out = {}
-        for k in keys:
+        for k in run.keys[seg]:
             deltas = [self._delta_now(run, seg, u, k, call.step) for u in call.uuids]
             base = run.seg_in[seg].get(k)
             if base is None or any(d is None for d in deltas):
                 out[k] = streams.get(k)
             else:
-                delta = deltas[0] if n == 1 else torch.cat(deltas, dim=0)
+                delta = deltas[0] if len(deltas) == 1 else torch.cat(deltas, dim=0)
                 out[k] = base + delta.to(base.dtype)
         return out
 
