@@ -82,7 +82,7 @@ class OptimDiTCache(io.ComfyNode):
                                          "models), where it otherwise steps aside."),
                 io.Int.Input("delta_order", default=0, min=0, max=1, optional=True,
                              tooltip="0: reuse the delta of the last refresh (DitCacheAdaptor). 1: "
-                                     "extrapolate it linearly from the last two refreshes."),
+                                     "extrapolate it linearly (in sigma) from the last two refreshes."),
                 CacheConfig.Input("config", optional=True,
                                   tooltip="A configuration from Search, Load or Config; overrides the "
                                           "widgets."),

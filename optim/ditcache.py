@@ -179,13 +179,14 @@ class _Call:
     refresh: bool | None       # None: adaptive, decided at the range's first block
     full: bool = False         # run every block, store nothing (ControlNet)
     range_started: float | None = None
+    sigma: float = 0.0         # where in the schedule this call is (delta extrapolation runs in sigma)
 
 
 @dataclass
 class _Run:
     deltas: dict = field(default_factory=dict)        # (segment, uuid) -> {stream: delta chunk}
-    older: dict = field(default_factory=dict)         # (segment, uuid) -> the refresh before: (step, deltas)
-    delta_step: dict = field(default_factory=dict)    # (segment, uuid) -> step of the stored delta
+    older: dict = field(default_factory=dict)         # (segment, uuid) -> the refresh before: (sigma, deltas)
+    delta_at: dict = field(default_factory=dict)      # (segment, uuid) -> (step, sigma) of the stored delta
     keys: dict = field(default_factory=dict)          # segment -> stream keys the blocks return
     seg_in: dict = field(default_factory=dict)        # segment -> streams at its first block (this call)
     prev_input: dict = field(default_factory=dict)    # uuid -> range input of the previous call
@@ -295,7 +296,7 @@ class DiTCache:
         """The last block of a block list on a reused call: the list's input plus its delta."""
         out = {}
         for k in run.keys[seg]:
-            deltas = [self._delta_now(run, seg, u, k, call.step) for u in call.uuids]
+            deltas = [self._delta_now(run, seg, u, k, call.sigma) for u in call.uuids]
             base = run.seg_in[seg].get(k)
             if base is None or any(d is None for d in deltas):
                 out[k] = streams.get(k)
@@ -304,17 +305,17 @@ class DiTCache:
                 out[k] = base + delta.to(base.dtype)
         return out
 
-    def _delta_now(self, run: _Run, seg: int, u, k: str, step: int):
-        """The stored delta, or with delta_order 1 its linear extrapolation from the last two
-        refreshes to this step (a first-order Taylor step over the step index)."""
+    def _delta_now(self, run: _Run, seg: int, u, k: str, sigma: float):
+        """The stored delta, or with delta_order 1 its linear extrapolation in sigma from the last
+        two refreshes to this call (a first-order Taylor step along the sampler's own time)."""
         d1 = run.deltas[(seg, u)].get(k)
         if self.config.delta_order == 0 or d1 is None or (seg, u) not in run.older:
             return d1
-        s0, older = run.older[(seg, u)]
-        d0, s1 = older.get(k), run.delta_step[(seg, u)]
-        if d0 is None or s1 <= s0 or d0.shape != d1.shape:
+        sigma0, older = run.older[(seg, u)]
+        d0, sigma1 = older.get(k), run.delta_at[(seg, u)][1]
+        if d0 is None or sigma1 == sigma0 or d0.shape != d1.shape:
             return d1
-        return d1 + (d1 - d0) * ((step - s1) / (s1 - s0))
+        return d1 + (d1 - d0) * ((sigma - sigma1) / (sigma1 - sigma0))
 
     def _store_delta(self, run: _Run, call: _Call, seg: int, out: dict) -> None:
         run.keys[seg] = tuple(out.keys())
@@ -331,10 +332,10 @@ class DiTCache:
             return  # the image stream changed shape inside the range: this range is never reused
         for u, d in zip(call.uuids, per_uuid):
             key = (seg, u)
-            if self.config.delta_order and key in run.deltas and run.delta_step[key] < call.step:
-                run.older[key] = (run.delta_step[key], run.deltas[key])
+            if self.config.delta_order and key in run.deltas and run.delta_at[key][0] < call.step:
+                run.older[key] = (run.delta_at[key][1], run.deltas[key])
             run.deltas[key] = d
-            run.delta_step[key] = call.step
+            run.delta_at[key] = (call.step, call.sigma)
 
     # -- ComfyUI wrappers -------------------------------------------------------------------------
     def apply_model(self, executor, *args, **kwargs):
@@ -376,12 +377,13 @@ class DiTCache:
                             "aside (set force to cache anyway)", n)
         if run.stats.stepped_aside:
             return None
+        sigma = float(to["sigmas"].detach().flatten()[0])
         if control is not None:
-            return _Call(step, uuids, refresh=True, full=True)
+            return _Call(step, uuids, refresh=True, full=True, sigma=sigma)
         if cfg.mode == "adaptive":
-            return _Call(step, uuids, refresh=True if step < cfg.cache_step_start else None)
+            return _Call(step, uuids, refresh=True if step < cfg.cache_step_start else None, sigma=sigma)
         refresh = step < cfg.cache_step_start or (step - cfg.cache_step_start) % cfg.cache_step_interval == 0
-        return _Call(step, uuids, refresh=refresh)
+        return _Call(step, uuids, refresh=refresh, sigma=sigma)
 
     def outer_sample(self, executor, *args, **kwargs):
         self.run = _Run()

@@ -45,6 +45,7 @@ class Profile:
     calls: int
     states: dict = field(default_factory=dict)    # (step, block) -> (input, output) token subsets
     step_weight: list = field(default_factory=list)  # per step: its share of the sigma range (1 = mean)
+    sigmas: list = field(default_factory=list)        # the schedule (empty: unknown, steps are evenly spaced)
 
 
 @dataclass(frozen=True)
@@ -163,7 +164,8 @@ def profile(patcher, sample) -> Profile:
         raise RuntimeError("the calibration sampling made no model call")
     block_time = [sum(v) / len(v) for _, v in sorted(rec.block_time.items())]
     return Profile(rec.steps, block_time, sum(rec.call_times) / len(rec.call_times), len(rec.call_times),
-                   rec.states, step_weights(rec.schedule, rec.steps))
+                   rec.states, step_weights(rec.schedule, rec.steps),
+                   [] if rec.schedule is None else [float(x) for x in rec.schedule])
 
 
 def step_weights(schedule, steps: int) -> list[float]:
@@ -215,6 +217,12 @@ class _ErrorModel:
             self._memo[key] = err
         return self._memo[key]
 
+    def _position(self, a: int, b: int) -> float:
+        sig = self.prof.sigmas
+        if len(sig) > max(a, b) and sig[a] != sig[b]:
+            return sig[a] - sig[b]
+        return float(a - b)
+
     def config_error(self, cfg: ditcache.DiTCacheConfig, total_blocks: int) -> float:
         a, end = cfg.block_range(total_blocks)
         total, start, k = 0.0, cfg.cache_step_start, cfg.cache_step_interval
@@ -225,7 +233,7 @@ class _ErrorModel:
             r = t - offset
             r0 = r - k if r - k >= start else r - 1   # steps before the start all refresh
             if cfg.delta_order == 1 and r0 >= 0:
-                f = offset / (r - r0)
+                f = self._position(t, r) / self._position(r, r0)   # as the cache does: in sigma
                 used = ((r, 1.0 + f), (r0, -f))
             else:
                 used = ((r, 1.0),)

@@ -271,3 +271,18 @@ def test_delta_order_one_extrapolates_from_the_last_two_refreshes():
     plain = sample(controller(cache_block_start=2, cache_num_blocks=2, cache_step_start=1,
                               cache_step_interval=2), xs)
     torch.testing.assert_close(plain[2], boundary(xs[2], 2)[0] + delta[1])
+
+
+def test_extrapolation_runs_in_sigma_on_uneven_schedules():
+    global SCHEDULE
+    saved, SCHEDULE = SCHEDULE, torch.tensor([1.0, 0.9, 0.6, 0.5, 0.45, 0.3, 0.2, 0.15, 0.1, 0.05, 0.0])
+    try:
+        ctl = controller(cache_block_start=2, cache_num_blocks=2, cache_step_start=1, cache_step_interval=2,
+                         delta_order=1)
+        xs = inputs()
+        outs = sample(ctl, xs)
+        d0, d1 = (boundary(xs[s], 4)[0] - boundary(xs[s], 2)[0] for s in (0, 1))
+        f = (0.6 - 0.9) / (0.9 - 1.0)   # step 2 extrapolated from the refreshes at steps 0 and 1
+        torch.testing.assert_close(outs[2], boundary(xs[2], 2)[0] + d1 + (d1 - d0) * f)
+    finally:
+        SCHEDULE = saved
