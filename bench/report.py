@@ -71,7 +71,8 @@ def load_sweeps(folder: Path = RESULTS_DIR / "sweeps") -> list[dict]:
 
 
 def sweep_tables(sweeps: list[dict]) -> str:
-    """One table per DiT caching sweep: every arm, then the comparison at equal speedup."""
+    """One table per DiT caching sweep: every arm, then the comparisons at equal speedup (by the wall
+    clock, and by the work left out where the sweep measured it)."""
     if not sweeps:
         return "_No sweep yet: run `python -m bench sweep-ditcache`._"
     out = []
@@ -81,21 +82,31 @@ def sweep_tables(sweeps: list[dict]) -> str:
         out.append(f"**{r['family']}** ({r['size']}, {r['blocks']} blocks, {r['steps']} steps, cfg {r['cfg']}, "
                    f"{r['resolution'][0]}x{r['resolution'][1]}, {len(r['cases'])} prompt/seed cases, {device}, "
                    f"{r['weights']} weights); baseline {r['baseline']['seconds']:.1f} s for all cases.\n")
-        out.append("| arm | setting | speedup (wall) | latent PSNR dB | image PSNR dB | SSIM |\n|---|---|---|---|---|---|")
+        out.append("| arm | setting | speedup (wall) | work | latent PSNR dB | image PSNR dB | SSIM |\n"
+                   "|---|---|---|---|---|---|---|")
         for a in r["arms"]:
-            out.append(f"| {a['kind']} | {a['label']} | {a['speedup']:.2f}x | {fmt_db(a['psnr_latent_db'])} | "
+            work = f"{a['work_speedup']:.2f}x" if "work_speedup" in a else "-"
+            out.append(f"| {a['kind']} | {a['label']} | {a['speedup']:.2f}x | {work} | {fmt_db(a['psnr_latent_db'])} | "
                        f"{fmt_db(a['psnr_image_db'])} | {a['ssim_image']:.4f} |")
-        out.append("\n| built-in arm | its speedup, PSNR | ours at >= that speedup | margin |\n|---|---|---|---|")
-        for c in r["comparison"]:
-            if c.get("note"):
-                out.append(f"| {c['builtin']} | {c['speedup']:.2f}x, {fmt_db(c['psnr_latent_db'])} dB | {c['note']} | - |")
-            elif c["ours"] is None:
-                out.append(f"| {c['builtin']} | {c['speedup']:.2f}x, {fmt_db(c['psnr_latent_db'])} dB | none as fast | - |")
-            else:
-                out.append(f"| {c['builtin']} | {c['speedup']:.2f}x, {fmt_db(c['psnr_latent_db'])} dB | {c['ours']}: "
-                           f"{c['ours_speedup']:.2f}x, {fmt_db(c['ours_psnr_latent_db'])} dB | {c['margin_db']:+.2f} dB |")
+        for key, what in (("comparison", "speedup (wall)"), ("comparison_work", "work speedup")):
+            if key in r:
+                out.append("\n" + _comparison_table(r[key], what))
         out.append("")
     return "\n".join(out).rstrip()
+
+
+def _comparison_table(rows: list[dict], what: str) -> str:
+    out = [f"| built-in arm | its {what}, PSNR | ours at >= that {what} | margin |", "|---|---|---|---|"]
+    for c in rows:
+        theirs = f"{c['speedup']:.2f}x, {fmt_db(c['psnr_latent_db'])} dB"
+        if c.get("note"):
+            out.append(f"| {c['builtin']} | {theirs} | {c['note']} | - |")
+        elif c["ours"] is None:
+            out.append(f"| {c['builtin']} | {theirs} | none as fast | - |")
+        else:
+            out.append(f"| {c['builtin']} | {theirs} | {c['ours']}: {c['ours_speedup']:.2f}x, "
+                       f"{fmt_db(c['ours_psnr_latent_db'])} dB | {c['margin_db']:+.2f} dB |")
+    return "\n".join(out)
 
 
 def replace_section(text: str, begin: str, end: str, body: str) -> str:

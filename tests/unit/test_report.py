@@ -55,7 +55,7 @@ def test_readme_family_table_is_current():
 
 def test_sweep_table_lists_arms_and_the_comparison():
     arm = lambda kind, label, speed, db: {"kind": kind, "label": label, "speedup": speed, "psnr_latent_db": db,
-                                          "psnr_image_db": db - 5, "ssim_image": 0.9}
+                                          "psnr_image_db": db - 5, "ssim_image": 0.9, "work_speedup": speed + 0.1}
     sweep = {"family": "flux", "size": "bench", "blocks": 12, "steps": 20, "cfg": 1.0, "resolution": [256, 256],
              "cases": [["a", 1], ["b", 2]], "device": "cpu", "weights": "generated", "versions": {"cpu_count": 2},
              "baseline": {"seconds": 40.0},
@@ -63,9 +63,13 @@ def test_sweep_table_lists_arms_and_the_comparison():
              "comparison": [{"builtin": "built-in: LazyCache 0.2", "speedup": 1.4, "psnr_latent_db": 29.5,
                              "ours": "ours: searched target 1.5x", "ours_speedup": 1.52,
                              "ours_psnr_latent_db": 33.0, "margin_db": 3.5}]}
+    sweep["comparison_work"] = [{"builtin": "built-in: LazyCache 0.2", "speedup": 1.5, "psnr_latent_db": 29.5,
+                                 "ours": None}]
     table = report.sweep_tables([sweep])
-    assert "| ours: searched | target 1.5x | 1.52x | 33.00 | 28.00 | 0.9000 |" in table
+    assert "| ours: searched | target 1.5x | 1.52x | 1.62x | 33.00 | 28.00 | 0.9000 |" in table
     assert "| built-in: LazyCache 0.2 | 1.40x, 29.50 dB | ours: searched target 1.5x: 1.52x, 33.00 dB | +3.50 dB |" in table
+    assert "| built-in arm | its work speedup, PSNR | ours at >= that work speedup | margin |" in table
+    assert "| built-in: LazyCache 0.2 | 1.50x, 29.50 dB | none as fast | - |" in table
     assert report.sweep_tables([]).startswith("_No sweep yet")
 
 
@@ -74,3 +78,24 @@ def test_dit_cache_stats_are_summarised():
     r["technique_stats"] = {"comfyui-optim.ditcache": {"calls": 20, "calls_cached": 9, "cached_blocks": 10,
                                                        "blocks_per_call": 12, "blocks_skipped": 90}}
     assert "| 9/20 calls skipped 10 of 12 blocks |" in report.markdown_tables([r])
+
+
+def test_sweep_work_counts_blocks_for_ours_and_steps_for_the_builtins():
+    from bench import ditcache_sweep as sw
+    ours = {"comfyui-optim.ditcache": {"calls": 20, "blocks_per_call": 12, "blocks_skipped": 90}}
+    assert sw.work_done(ours, None) == (150, 240)
+    assert sw.work_done({}, (8, 20)) == (12, 20)
+    assert sw.work_done({}, None) == (1.0, 1.0)
+    handler = sw.BuiltinSkips()
+    import logging
+    handler.emit(logging.LogRecord("x", logging.INFO, "", 0, "LazyCache - skipped 8/20 steps (1.67x speedup).", None, None))
+    assert handler.last == (8, 20)
+
+
+def test_sweep_comparison_by_work_is_exact_and_by_wall_allows_timing_noise():
+    from bench.ditcache_sweep import compare
+    row = lambda kind, speed, work, db: {"kind": kind, "label": "x", "speedup": speed, "work_speedup": work,
+                                        "psnr_latent_db": db}
+    rows = [row("ours: fixed", 1.58, 1.6, 35.0), row("built-in: LazyCache", 1.6, 1.67, 33.0)]
+    assert compare(rows)[0]["margin_db"] == 2.0            # 1.58 is within 3% of 1.6 by the clock
+    assert compare(rows, "work_speedup")[0]["ours"] is None  # 1.6 < 1.67 by work: no comparison
