@@ -49,7 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--out", type=Path, default=None, help="results file (default bench/results/...)")
     sweep = sub.add_parser("sweep-ditcache", help="DiT block caching (fixed, searched, adaptive) against "
                            "ComfyUI's EasyCache and LazyCache on the same model, prompts and seeds")
-    sweep.add_argument("--model", default="flux", choices=sorted(factory.FAMILIES))
+    sweep.add_argument("--model", default="flux", choices=[*sorted(factory.FAMILIES), "reference"],
+                       help="a factory family (generated weights), or `reference`: the trained reference DiT")
+    sweep.add_argument("--prompts", type=_positive, default=8, help="--model reference: prompts of the fixed set")
     sweep.add_argument("--size", default="bench", choices=factory.SIZES)
     sweep.add_argument("--steps", type=_positive, default=20)
     sweep.add_argument("--cfg", type=float, default=None, help="default: 4 (1 for guidance-distilled families)")
@@ -89,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         from bench import ditcache_sweep
         result = ditcache_sweep.run(ditcache_sweep.SweepSettings(
             family=args.model, size=args.size, steps=args.steps, cfg=args.cfg, width=args.width,
-            height=args.height, frames=args.frames, budget=args.budget, device=args.device))
+            height=args.height, frames=args.frames, budget=args.budget, device=args.device,
+            reference_prompts=args.prompts))
         print(ditcache_sweep.summary(result))
         print(f"saved {ditcache_sweep.save(result, args.out)}")
         return 0

@@ -6,56 +6,26 @@ calibrates on its own prompt and seed, not on the evaluation cases), the adaptiv
 thresholds, EasyCache and LazyCache at several thresholds. Every arm samples every case; the
 baseline (no cache) is sampled before and after the arms and its median time per case is the
 reference. Reported per arm: wall-time speedup, work speedup, model calls, what the technique
-skipped, latent PSNR, decoded-image PSNR and SSIM against the uncached output. Then, for each
-EasyCache/LazyCache arm, our best arm at the same or higher speedup and the PSNR margin, twice: by
-wall time, and by work (the issue's "equal model-call count"). Work counts what each arm leaves
-out: ours the transformer blocks its reused calls skip, the built-ins the steps they skip (their own
-log line); it does not depend on the clock, so it does not move with a busy machine.
+skipped, latent PSNR, decoded-image PSNR and SSIM against the uncached output (and prompt adherence
+on the trained reference model). Then, for each EasyCache/LazyCache arm, our best arm at the same
+or higher speedup and the PSNR margin, twice: by wall time, and by work (the issue's "equal
+model-call count"). Work is the FLOPs torch counts in one more, untimed, sampling of every case:
+it covers skipped blocks, skipped calls and everything around them alike, and unlike the clock it
+does not move with a busy machine.
 """
 from __future__ import annotations
 
 import json
-import logging
-import re
 import statistics
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.runner import RESULTS_DIR, _count_calls, _versions, technique_stats
+from bench.runner import RESULTS_DIR, _count_calls, _versions, count_flops, technique_stats
 
 CASES = (("a red fox in fresh snow, morning light", 1), ("a neon city street at night, rain", 2))
 CALIBRATION = ("a bowl of fruit on a wooden table", 100)
-BUILTIN_SKIPS = re.compile(r"(EasyCache|LazyCache) - skipped (\d+)/(\d+) steps")
-
-
-class BuiltinSkips(logging.Handler):
-    """Reads the built-in caches' end-of-run log line ("<name> - skipped N/T steps")."""
-
-    def __init__(self):
-        super().__init__(logging.INFO)
-        self.last: tuple[int, int] | None = None
-
-    def emit(self, record):
-        m = BUILTIN_SKIPS.search(record.getMessage())
-        if m:
-            self.last = (int(m.group(2)), int(m.group(3)))
-
-
-def work_done(stats: dict, builtin_skips: tuple[int, int] | None) -> tuple[float, float]:
-    """(work done, work of the same run uncached) of one sampling, in block calls for ours and in
-    steps for the built-ins; (1, 1) when the run reported nothing."""
-    for value in stats.values():
-        if isinstance(value, dict) and "blocks_skipped" in value:
-            total = value["calls"] * value["blocks_per_call"]
-            return total - value["blocks_skipped"], total
-    if builtin_skips is not None:
-        skipped, steps = builtin_skips
-        return steps - skipped, steps
-    return 1.0, 1.0
-
-
 @dataclass
 class SweepSettings:
     family: str = "flux"
@@ -71,13 +41,80 @@ class SweepSettings:
     lazycache: tuple = (0.1, 0.2, 0.4)
     budget: int = 4
     cases: tuple = CASES
+    reference_prompts: int = 8     # --model reference: the first n prompts of the fixed prompt set
     device: str = "cpu"
-    fixed: list = field(default_factory=lambda: [
-        {"cache_block_start": 1, "cache_num_blocks": -1, "cache_step_start": 2, "cache_step_interval": 2},
-        {"cache_block_start": 1, "cache_num_blocks": -1, "cache_step_start": 2, "cache_step_interval": 2,
-         "delta_order": 1},
-        {"cache_block_start": 1, "cache_num_blocks": -1, "cache_step_start": 4, "cache_step_interval": 3,
-         "delta_order": 1}])
+    fixed: list = field(default_factory=lambda: [   # schedules; the cached range comes from the source
+        {"cache_step_start": 2, "cache_step_interval": 2},
+        {"cache_step_start": 2, "cache_step_interval": 2, "delta_order": 1},
+        {"cache_step_start": 4, "cache_step_interval": 3, "delta_order": 1}])
+
+
+REFERENCE = "reference"   # the trained reference DiT (bench/reference), not a factory family
+
+
+@dataclass
+class Source:
+    """The model a sweep runs on, and how to sample, decode and judge its outputs."""
+    name: str
+    weights: str
+    base: object                    # ModelPatcher
+    cfg: float
+    cases: tuple
+    calibration: tuple
+    cached_range: dict              # cache_block_start / cache_num_blocks of the fixed and adaptive arms
+    sample: object                  # (model, prompt, seed, steps=None) -> latent
+    decode: object                  # latent -> images in [0, 1]
+    adherence: object = None        # (images, prompts) -> fraction of attributes right, where defined
+    resolution: tuple = (256, 256)
+    frames: int = 1
+
+
+def factory_source(s: "SweepSettings", log) -> Source:
+    import torch
+    from bench import factory
+    fam = factory.family(s.family)
+    cfg = s.cfg if s.cfg is not None else (1.0 if fam.guidance is not None else 4.0)
+    log(f"building {fam.name} ({s.size}) with generated weights ...")
+    base = factory.build_model(fam.name, s.size)
+    vae = factory.build_vae(fam.name)
+
+    def sample(model, prompt, seed, steps=None):
+        return factory.sample(model, fam.name, s.size, steps=steps or s.steps, cfg=cfg, seed=seed,
+                              width=s.width, height=s.height, frames=s.frames, prompt=prompt)
+
+    def decode(latent):
+        with torch.inference_mode():
+            return vae.decode(latent).float().cpu()
+    return Source(fam.name, "generated", base, cfg, s.cases, CALIBRATION,
+                  {"cache_block_start": 1, "cache_num_blocks": -1}, sample, decode,
+                  resolution=(s.width, s.height), frames=s.frames if fam.video else 1)
+
+
+def reference_source(s: "SweepSettings", log) -> Source:
+    """The trained SD3-architecture reference DiT through the standard loaders, conditioned by
+    CLIPTextEncode; cases are prompts of the fixed prompt set. Its two blocks are one range."""
+    import torch
+    from bench.reference import adherence, dataset, graphs
+    ref = graphs.InProcess()
+    cfg = s.cfg if s.cfg is not None else graphs.CFG
+    cases = tuple((p, i) for i, p in enumerate(dataset.PROMPTS[:s.reference_prompts]))
+    calibration = (dataset.PROMPTS[-1], 1000)
+
+    def sample(model, prompt, seed, steps=None):
+        with torch.inference_mode():
+            latent = ref.nodes["EmptySD3LatentImage"].execute(64, 64, 1).result[0]
+            out = ref.nodes["KSampler"]().sample(model, seed, steps or s.steps, cfg, graphs.SAMPLER,
+                                                 graphs.SCHEDULER, ref.encode(prompt), ref.encode(""), latent)
+            return out[0]["samples"]
+
+    def decode(latent):
+        with torch.inference_mode():
+            return ref.vae.decode(latent).float().cpu()
+
+    def judge(images, prompts):
+        return adherence.adherence([im.numpy() for im in images], prompts)["adherence"]
+    return Source(REFERENCE, "trained", ref.model, cfg, cases, calibration,
+                  {"cache_block_start": 0, "cache_num_blocks": 2}, sample, decode, judge, resolution=(64, 64))
 
 
 def _node(node_id):
@@ -89,35 +126,24 @@ def run(s: SweepSettings, log=print) -> dict:
     from bench import comfy_env
     comfy_env.load_comfyui_in_process(Path(tempfile.mkdtemp(prefix="optim-sweep-")), s.device)
     import torch
-    from bench import factory
     from optim import ditcache, ditcache_search
     from optim.metrics import psnr, ssim
 
-    fam = factory.family(s.family)
-    cfg = s.cfg if s.cfg is not None else (1.0 if fam.guidance is not None else 4.0)
-    log(f"building {fam.name} ({s.size}) with generated weights ...")
-    base = factory.build_model(fam.name, s.size)
-    vae = factory.build_vae(fam.name)
+    src = reference_source(s, log) if s.family == REFERENCE else factory_source(s, log)
+    base, sample, decode, cases = src.base, src.sample, src.decode, src.cases
     n_blocks = len(ditcache.model_blocks(base.get_model_object("diffusion_model"))[1])
 
-    def sample(model, prompt, seed, steps=None):
-        return factory.sample(model, fam.name, s.size, steps=steps or s.steps, cfg=cfg, seed=seed,
-                              width=s.width, height=s.height, frames=s.frames, prompt=prompt)
-
-    def decode(latent):
-        with torch.inference_mode():
-            return vae.decode(latent).float().cpu()
-
-    sample(base, *s.cases[0], steps=2)   # warm-up
+    sample(base, *cases[0], steps=2)   # warm-up
     arms: list[tuple[str, str, dict, object]] = []   # (kind, label, params, model)
-    for fixed in s.fixed:
+    for schedule in s.fixed:
+        fixed = {**src.cached_range, **schedule}
         config = ditcache.DiTCacheConfig(**fixed)
         m = base.clone()
         ditcache.attach(m, config)
         arms.append(("ours: fixed", _label(config, n_blocks), fixed, m))
 
     log("calibrating the search (its own prompt and seed) ...")
-    prompt, seed = CALIBRATION
+    prompt, seed = src.calibration
     search_sample = lambda p, sd: sample(p, prompt, sd)
     calibration = ditcache_search.calibrate(base, search_sample, [seed])
     searches = {}
@@ -133,8 +159,8 @@ def run(s: SweepSettings, log=print) -> dict:
                      {"target_speedup": target, **result.best.as_dict()["config"]}, m))
         log(f"  target {target}: {result.report()}")
     for threshold in s.adaptive:
-        config = ditcache.DiTCacheConfig(mode="adaptive", threshold=threshold, cache_block_start=1,
-                                         cache_num_blocks=-1, cache_step_start=2, max_consecutive=3)
+        config = ditcache.DiTCacheConfig(mode="adaptive", threshold=threshold, cache_step_start=2,
+                                         max_consecutive=3, **src.cached_range)
         m = base.clone()
         ditcache.attach(m, config)
         arms.append(("ours: adaptive", f"threshold {threshold}", {"threshold": threshold}, m))
@@ -146,10 +172,9 @@ def run(s: SweepSettings, log=print) -> dict:
                          {"reuse_threshold": threshold}, m))
 
     counter = [0]
-    skips = BuiltinSkips()
-    logging.getLogger().addHandler(skips)
-    if logging.getLogger().level > logging.INFO:
-        logging.getLogger().setLevel(logging.INFO)
+
+    def flops(model) -> int:
+        return sum(count_flops(lambda c=case: sample(model, *c)) for case in cases)
 
     def timed(model, case):
         counted = _count_calls(model, counter)
@@ -161,28 +186,25 @@ def run(s: SweepSettings, log=print) -> dict:
         return out, time.perf_counter() - t0, counter[0]
 
     log("baseline ...")
-    references, base_times, base_calls = [], [[] for _ in s.cases], 0
-    for i, case in enumerate(s.cases):
+    references, base_times, base_calls = [], [[] for _ in cases], 0
+    for i, case in enumerate(cases):
         out, seconds, base_calls = timed(base, case)
         references.append(out)
         base_times[i].append(seconds)
     rows = []
     for kind, label, params, model in arms:
-        outs, seconds, calls, done, total = [], 0.0, 0, 0.0, 0.0
-        for case in s.cases:
-            skips.last = None
+        outs, seconds, calls = [], 0.0, 0
+        for case in cases:
             out, sec, n = timed(model, case)
             outs.append(out)
             seconds += sec
             calls += n
-            d, t = work_done(technique_stats(model), skips.last)
-            done, total = done + d, total + t
-        stats = technique_stats(model)
+        stats = technique_stats(model)   # the last case's, before the FLOP-counting runs
         rows.append({"kind": kind, "label": label, "params": params, "seconds": seconds,
-                     "model_calls": calls, "outputs": outs, "stats": stats, "work_speedup": total / done})
+                     "model_calls": calls, "outputs": outs, "stats": stats, "flops": flops(model)})
         log(f"  {kind} {label}: {seconds:.2f} s, {calls} calls")
-    logging.getLogger().removeHandler(skips)
-    for i, case in enumerate(s.cases):   # baseline again after the arms: drift shows up in the median
+    base_flops = flops(base)
+    for i, case in enumerate(cases):   # baseline again after the arms: drift shows up in the median
         base_times[i].append(timed(base, case)[1])
     ref_seconds = sum(statistics.median(t) for t in base_times)
     ref_latent = torch.cat(references)
@@ -190,15 +212,22 @@ def run(s: SweepSettings, log=print) -> dict:
     for row in rows:
         out = torch.cat(row.pop("outputs"))
         images = decode(out)
-        row.update(speedup=ref_seconds / row["seconds"], psnr_latent_db=psnr(ref_latent, out),
+        row.update(speedup=ref_seconds / row["seconds"], work_speedup=base_flops / row["flops"],
+                   psnr_latent_db=psnr(ref_latent, out),
                    psnr_image_db=psnr(ref_images, images, data_range=1.0), ssim_image=ssim(ref_images, images),
-                   skipped=_skipped(row["stats"], base_calls * len(s.cases), row["model_calls"]))
+                   skipped=_skipped(row["stats"], base_calls * len(cases), row["model_calls"]))
+        if src.adherence is not None:
+            row["adherence"] = src.adherence(images, [c[0] for c in cases])
+    baseline = {"seconds": ref_seconds, "times_s": base_times, "model_calls": base_calls * len(cases),
+                "flops": base_flops}
+    if src.adherence is not None:
+        baseline["adherence"] = src.adherence(ref_images, [c[0] for c in cases])
     return {
-        "family": fam.name, "size": s.size, "blocks": n_blocks, "steps": s.steps, "cfg": cfg,
-        "resolution": [s.width, s.height], "frames": s.frames if fam.video else 1,
-        "cases": [list(c) for c in s.cases], "calibration_case": list(CALIBRATION), "device": s.device,
-        "weights": "generated", "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"), "versions": _versions(),
-        "baseline": {"seconds": ref_seconds, "times_s": base_times, "model_calls": base_calls * len(s.cases)},
+        "family": src.name, "size": s.size if src.weights == "generated" else "trained", "blocks": n_blocks,
+        "steps": s.steps, "cfg": src.cfg, "resolution": list(src.resolution), "frames": src.frames,
+        "cases": [list(c) for c in cases], "calibration_case": list(src.calibration), "device": s.device,
+        "weights": src.weights, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"), "versions": _versions(),
+        "baseline": baseline,
         "arms": rows, "searches": {str(k): v for k, v in searches.items()},
         "comparison": compare(rows), "comparison_work": compare(rows, "work_speedup"),
     }

@@ -82,12 +82,16 @@ def sweep_tables(sweeps: list[dict]) -> str:
         out.append(f"**{r['family']}** ({r['size']}, {r['blocks']} blocks, {r['steps']} steps, cfg {r['cfg']}, "
                    f"{r['resolution'][0]}x{r['resolution'][1]}, {len(r['cases'])} prompt/seed cases, {device}, "
                    f"{r['weights']} weights); baseline {r['baseline']['seconds']:.1f} s for all cases.\n")
-        out.append("| arm | setting | speedup (wall) | work | latent PSNR dB | image PSNR dB | SSIM |\n"
-                   "|---|---|---|---|---|---|---|")
+        judged = "adherence" in r["baseline"]
+        if judged:
+            out.append(f"Prompt adherence of the uncached outputs: {r['baseline']['adherence']:.3f}.\n")
+        out.append("| arm | setting | speedup (wall) | work | latent PSNR dB | image PSNR dB | SSIM |"
+                   + (" adherence |" if judged else "") + "\n|---|---|---|---|---|---|---|" + ("---|" if judged else ""))
         for a in r["arms"]:
             work = f"{a['work_speedup']:.2f}x" if "work_speedup" in a else "-"
             out.append(f"| {a['kind']} | {a['label']} | {a['speedup']:.2f}x | {work} | {fmt_db(a['psnr_latent_db'])} | "
-                       f"{fmt_db(a['psnr_image_db'])} | {a['ssim_image']:.4f} |")
+                       f"{fmt_db(a['psnr_image_db'])} | {a['ssim_image']:.4f} |"
+                       + (f" {a['adherence']:.3f} |" if judged else ""))
         for key, what in (("comparison", "speedup (wall)"), ("comparison_work", "work speedup")):
             if key in r:
                 out.append("\n" + _comparison_table(r[key], what))

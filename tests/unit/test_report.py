@@ -80,18 +80,6 @@ def test_dit_cache_stats_are_summarised():
     assert "| 9/20 calls skipped 10 of 12 blocks |" in report.markdown_tables([r])
 
 
-def test_sweep_work_counts_blocks_for_ours_and_steps_for_the_builtins():
-    from bench import ditcache_sweep as sw
-    ours = {"comfyui-optim.ditcache": {"calls": 20, "blocks_per_call": 12, "blocks_skipped": 90}}
-    assert sw.work_done(ours, None) == (150, 240)
-    assert sw.work_done({}, (8, 20)) == (12, 20)
-    assert sw.work_done({}, None) == (1.0, 1.0)
-    handler = sw.BuiltinSkips()
-    import logging
-    handler.emit(logging.LogRecord("x", logging.INFO, "", 0, "LazyCache - skipped 8/20 steps (1.67x speedup).", None, None))
-    assert handler.last == (8, 20)
-
-
 def test_sweep_comparison_by_work_is_exact_and_by_wall_allows_timing_noise():
     from bench.ditcache_sweep import compare
     row = lambda kind, speed, work, db: {"kind": kind, "label": "x", "speedup": speed, "work_speedup": work,
