@@ -23,3 +23,16 @@ def step_index(transformer_options: dict) -> int | None:
 def num_steps(transformer_options: dict) -> int | None:
     schedule = transformer_options.get("sample_sigmas")
     return None if schedule is None else max(len(schedule) - 1, 1)
+
+
+def hit_string(per_step: dict, steps: int | None = None) -> str:
+    """One character per sampling step, for the frontend's hit strip and the log: '1' when every
+    model call of the step reused cached work, '0' when none did, 'p' when some did, '-' when the
+    step saw no call. `per_step` maps step -> (calls, calls that reused)."""
+    known = [s for s in per_step if s is not None]
+    n = max(steps or 0, max(known) + 1 if known else 0)
+    chars = []
+    for s in range(n):
+        calls, reused = per_step.get(s, (0, 0))
+        chars.append("-" if calls == 0 else "1" if reused == calls else "0" if reused == 0 else "p")
+    return "".join(chars)
