@@ -18,6 +18,7 @@ How it hooks into ComfyUI, without copying the UNet's forward:
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -109,6 +110,7 @@ class RunStats:
     steps_seen: set = field(default_factory=set)
     fallbacks: int = 0     # calls that would have been shallow but ran full (ControlNet, no cache)
     per_step: dict = field(default_factory=dict)   # step -> (calls, shallow calls)
+    clock: step_counter.StepClock = field(default_factory=step_counter.StepClock)
 
     def count(self, step: int | None, shallow: bool) -> None:
         self.steps_seen.add(step)
@@ -124,7 +126,9 @@ class RunStats:
         return {"full_calls": self.full_calls, "shallow_calls": self.shallow_calls,
                 "steps": len(self.steps_seen), "fallback_calls": self.fallbacks,
                 "shallow_fraction": self.shallow_calls / total if total else 0.0,
-                "hits": step_counter.hit_string(self.per_step)}
+                "hits": step_counter.hit_string(self.per_step),
+                "timed_speedup": self.clock.timed_speedup(
+                    s for s, (calls, shallow) in self.per_step.items() if shallow == 0)}
 
 
 class _Run:
@@ -239,8 +243,12 @@ class DeepCache:
             run.stats.fallbacks += 1
         run.stats.count(step, shallow=not full)
         self.call = _Call(full, key, to, run.shapes.setdefault(key, {}))
+        started = time.perf_counter()
         try:
-            return executor(*args, **kwargs)
+            out = executor(*args, **kwargs)
+            step_counter.sync(out)
+            run.stats.clock.add(step, time.perf_counter() - started)
+            return out
         finally:
             self.call = None
 
