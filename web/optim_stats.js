@@ -69,7 +69,7 @@ function drawStrip(ctx, hits, x, y, width) {
   const cell = Math.max(2, Math.min(8, Math.floor(width / hits.length)));
   hits.forEach((c, i) => {
     ctx.fillStyle = HIT_COLOURS[c] || HIT_COLOURS["-"];
-    ctx.fillRect(x + i * cell, y, cell - (cell > 3 ? 1 : 0), 5);
+    ctx.fillRect(x + i * cell, y, cell - (cell > 3 ? 1 : 0), 6);
   });
   return cell * hits.length;
 }
@@ -100,7 +100,7 @@ function drawBadge(node, ctx) {
   let width = Math.max(...lines.map(textWidth), ...details.map((d) => textWidth(rowText(d))));
   if (strip) width = Math.max(width, Math.min(strip.length * 8, 400));
   width = Math.ceil(width) + 2 * PAD + 4;
-  const height = PAD * 2 + lines.length * LINE + (strip ? 8 : 0) + (details.length ? details.length * LINE + 4 : 0);
+  const height = PAD * 2 + lines.length * LINE + (strip ? 9 : 0) + (details.length ? details.length * LINE + 4 : 0);
   const x = 0;
   const y = node.flags?.collapsed ? 4 : (node.size?.[1] ?? 0) + 6;
 
@@ -122,7 +122,7 @@ function drawBadge(node, ctx) {
   }
   if (strip) {
     drawStrip(ctx, strip, x + PAD + 4, ty + 1, width - 2 * PAD - 4);
-    ty += 8;
+    ty += 9;
   }
   if (details.length) {
     ty += 4;

@@ -177,9 +177,10 @@ export function badgeLines(runs, maxRuns = 3) {
   const lines = [];
   const shown = runs.slice(0, maxRuns);
   shown.forEach((run, i) => {
-    const who = run.inner ? `${run.inner}: ` : "";
-    const count = runs.length > 1 && !run.inner ? ` (run ${i + 1})` : "";
-    lines.push(`${who}${techniqueLabel(run.technique)}${count}: ${summarize(run.stats)}`);
+    // a node inside a subgraph goes by its own title on the subgraph node (it names the technique)
+    const who = run.inner || techniqueLabel(run.technique);
+    const count = runs.length > 1 ? ` (run ${i + 1})` : "";
+    lines.push(`${who}${count}: ${summarize(run.stats)}`);
   });
   if (runs.length > maxRuns) lines.push(`+${runs.length - maxRuns} more run${runs.length - maxRuns === 1 ? "" : "s"}`);
   return lines;

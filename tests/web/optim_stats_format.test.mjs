@@ -69,7 +69,9 @@ test("one badge line per run when samplers share the model; inner nodes are name
   assert.deepEqual(badgeLines([run(6), run(5)]),
     ["DeepCache (run 1): 6/10 calls shallow", "DeepCache (run 2): 5/9 calls shallow"]);
   assert.equal(badgeLines([run(1), run(2), run(3), run(4), run(5)]).at(-1), "+2 more runs");
-  assert.deepEqual(badgeLines([{ ...run(6), inner: "Optim T-GATE" }]), ["Optim T-GATE: DeepCache: 6/10 calls shallow"]);
+  assert.deepEqual(badgeLines([{ ...run(6), inner: "My DeepCache" }]), ["My DeepCache: 6/10 calls shallow"]);
+  assert.deepEqual(badgeLines([{ ...run(6), inner: "My DeepCache" }, { ...run(5), inner: "My DeepCache" }]),
+    ["My DeepCache (run 1): 6/10 calls shallow", "My DeepCache (run 2): 5/9 calls shallow"]);
 });
 
 test("details list every field but the hit string", () => {
