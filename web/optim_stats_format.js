@@ -69,13 +69,15 @@ export function formatValue(key, value) {
 
 // Per-step hits: `hits` is a string with one character per step ('1' reused, '0' computed,
 // 'p' partly, '-' no call) or a list of booleans / 0-1 numbers.
+// null when no step saw a call (nothing to show).
 export function stepHits(stats) {
   const hits = stats?.hits;
-  if (typeof hits === "string") return hits.length ? [...hits].map((c) => ("01p-".includes(c) ? c : "-")) : null;
-  if (Array.isArray(hits) && hits.length) {
-    return hits.map((h) => (h === true || h === 1 ? "1" : h === false || h === 0 ? "0" : isNumber(h) ? "p" : "-"));
+  let cells = null;
+  if (typeof hits === "string") cells = [...hits].map((c) => ("01p-".includes(c) ? c : "-"));
+  else if (Array.isArray(hits)) {
+    cells = hits.map((h) => (h === true || h === 1 ? "1" : h === false || h === 0 ? "0" : isNumber(h) ? "p" : "-"));
   }
-  return null;
+  return cells && cells.some((c) => c !== "-") ? cells : null;
 }
 
 // The parts of the compact summary, from the well-known keys, most telling first.

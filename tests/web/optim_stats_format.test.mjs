@@ -20,7 +20,8 @@ test("without a hit strip, steps_cached/steps or shallow/full calls", () => {
 });
 
 test("a DiT cache that stepped aside says so", () => {
-  assert.match(summarize({ stepped_aside: true, calls: 0, hits: "" }), /^stepped aside/);
+  assert.equal(summarize({ stepped_aside: true, calls: 0, hits: "" }), "stepped aside");
+  assert.equal(summarize({ stepped_aside: true, calls: 0, hits: "----", estimated_speedup: 1 }), "stepped aside · ~1.00× est.");
 });
 
 test("memory and VAE keys: peak, bytes moved, GB/s, tiles", () => {
@@ -60,6 +61,7 @@ test("hit strips from a string or a list", () => {
   assert.deepEqual(stepHits({ hits: "01p-x" }), ["0", "1", "p", "-", "-"]);
   assert.deepEqual(stepHits({ hits: [true, false, 0.5] }), ["1", "0", "p"]);
   assert.equal(stepHits({ hits: "" }), null);
+  assert.equal(stepHits({ hits: "---" }), null);   // no step saw a call: no strip
   assert.equal(stepHits({}), null);
 });
 
