@@ -146,13 +146,19 @@ const FALLBACK_SKIP = new Set(["steps", "calls"]);
 // Up to `limit` more numeric fields, for stats with few or none of the well-known keys; sizes and
 // speedups first, zeros last.
 function fallbackParts(stats, used, limit) {
-  const rank = (k, v) => (k.endsWith("_bytes") || k.endsWith("speedup") ? 0 : v === 0 ? 2 : 1);
+  const rank = (k, v) => (/(_bytes|_mb|_gb|speedup|gbps)$/.test(k) ? 0 : v === 0 ? 2 : 1);
   return Object.entries(stats || {})
     .filter(([k, v]) => isNumber(v) && !used.has(k) && !FALLBACK_SKIP.has(k))
     .map(([k, v], i) => ({ k, v, i, r: rank(k, v) }))
     .sort((a, b) => a.r - b.r || a.i - b.i)
     .slice(0, Math.max(0, limit))
-    .map(({ k, v }) => `${k.replace(/_/g, " ")} ${formatValue(k, v)}`);
+    .map(({ k, v }) => `${shortLabel(k)} ${formatValue(k, v)}`);
+}
+
+// A key without the unit suffix its value already shows ("peak_inflight_bytes" -> "peak inflight").
+function shortLabel(key) {
+  const bare = key.replace(/_(bytes|mb|gb|seconds|s|ms|fraction|ratio|gbps)$/, "");
+  return (bare || key).replace(/_/g, " ");
 }
 
 // The compact one-line summary of one run's stats (without the technique's name).

@@ -36,7 +36,8 @@ test("memory and VAE keys: peak, bytes moved, GB/s, tiles", () => {
 test("unknown techniques: a few numeric fields, sizes and speedups first, units from the key", () => {
   const stats = { groups_streamed: 12, transfers: 0, prefetch_hits: 40, peak_inflight_bytes: 512 * 2 ** 20,
     per_group: { a: 1 }, label: "x" };
-  assert.equal(summarize(stats), "peak inflight bytes 512 MiB · groups streamed 12 · prefetch hits 40");
+  assert.equal(summarize(stats), "peak inflight 512 MiB · groups streamed 12 · prefetch hits 40");
+  assert.equal(summarize({ cast_layers: 412, saved_mb: 1234.5 }), "saved 1235 MiB · cast layers 412");
   assert.equal(techniqueLabel("layer_stream"), "Layer stream");
   assert.equal(techniqueLabel("group_offload"), "Group offload");
   assert.equal(summarize({}), "ran");
