@@ -15,8 +15,15 @@ def stats_sender(node_id, technique: str):
             instance = None
         if instance is None or node_id is None:
             return
+        # Like ComfyUI's own "executed": only to the client that queued the prompt (another
+        # user's tab has other nodes under the same ids), and not at all for a client-less run.
+        client_id = getattr(instance, "client_id", None)
+        if client_id is None:
+            return
+        payload = {"node": str(node_id), "technique": technique, "stats": stats,
+                   "prompt_id": getattr(instance, "last_prompt_id", None)}
         try:
-            instance.send_sync(EVENT, {"node": str(node_id), "technique": technique, "stats": stats})
+            instance.send_sync(EVENT, payload, client_id)
         except Exception as e:  # a lost statistics message must never fail the user's run
             logging.getLogger("comfyui-optim").debug("could not send stats: %s", e)
     return send

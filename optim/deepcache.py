@@ -18,6 +18,7 @@ How it hooks into ComfyUI, without copying the UNet's forward:
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -108,12 +109,26 @@ class RunStats:
     shallow_calls: int = 0
     steps_seen: set = field(default_factory=set)
     fallbacks: int = 0     # calls that would have been shallow but ran full (ControlNet, no cache)
+    per_step: dict = field(default_factory=dict)   # step -> (calls, shallow calls)
+    clock: step_counter.StepClock = field(default_factory=step_counter.StepClock)
+
+    def count(self, step: int | None, shallow: bool) -> None:
+        self.steps_seen.add(step)
+        if shallow:
+            self.shallow_calls += 1
+        else:
+            self.full_calls += 1
+        calls, reused = self.per_step.get(step, (0, 0))
+        self.per_step[step] = (calls + 1, reused + int(shallow))
 
     def as_dict(self) -> dict:
         total = self.full_calls + self.shallow_calls
         return {"full_calls": self.full_calls, "shallow_calls": self.shallow_calls,
                 "steps": len(self.steps_seen), "fallback_calls": self.fallbacks,
-                "shallow_fraction": self.shallow_calls / total if total else 0.0}
+                "shallow_fraction": self.shallow_calls / total if total else 0.0,
+                "hits": step_counter.hit_string(self.per_step),
+                "timed_speedup": self.clock.timed_speedup(
+                    s for s, (calls, shallow) in self.per_step.items() if shallow == 0)}
 
 
 class _Run:
@@ -226,14 +241,14 @@ class DeepCache:
         if not full and (control is not None or key not in run.features):
             full = True  # ControlNet residuals reach deep blocks; or nothing cached for this batch yet
             run.stats.fallbacks += 1
-        run.stats.steps_seen.add(step)
-        if full:
-            run.stats.full_calls += 1
-        else:
-            run.stats.shallow_calls += 1
+        run.stats.count(step, shallow=not full)
         self.call = _Call(full, key, to, run.shapes.setdefault(key, {}))
+        started = time.perf_counter()
         try:
-            return executor(*args, **kwargs)
+            out = executor(*args, **kwargs)
+            step_counter.sync(out)
+            run.stats.clock.add(step, time.perf_counter() - started)
+            return out
         finally:
             self.call = None
 

@@ -167,6 +167,7 @@ class RunStats:
     estimated_speedup: float = 1.0   # from the blocks skipped (every block costing the same)
     timed_speedup: float = 1.0       # from timed calls and timed ranges of the refresh calls
     stepped_aside: bool = False
+    hits: str = ""                   # one character per step: see steps.hit_string
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -193,6 +194,7 @@ class _Run:
     change: dict = field(default_factory=dict)        # uuid -> accumulated relative change
     consecutive: int = 0
     cached_steps: set = field(default_factory=set)
+    per_step: dict = field(default_factory=dict)      # step -> (calls, calls that reused the range)
     call_time: float = 0.0
     refresh_range_time: float = 0.0
     refresh_calls: int = 0
@@ -352,9 +354,12 @@ class DiTCache:
             if run is not None and call is not None:
                 run.call_time += time.perf_counter() - started
                 run.stats.calls += 1
-                if not call.full and call.refresh is False:
+                reused = not call.full and call.refresh is False
+                if reused:
                     run.stats.calls_cached += 1
                     run.cached_steps.add(call.step)
+                calls, hits = run.per_step.get(call.step, (0, 0))
+                run.per_step[call.step] = (calls + 1, hits + int(reused))
 
     def _call_context(self, to: dict, control) -> _Call | None:
         run, cfg = self.run, self.config
@@ -410,6 +415,7 @@ class DiTCache:
         s = run.stats
         s.blocks_per_call, s.cached_blocks = self.total_blocks, self.end - self.start
         s.steps_cached = len(run.cached_steps)
+        s.hits = step_counter.hit_string(run.per_step, s.steps)
         s.blocks_skipped = s.calls_cached * s.cached_blocks
         total = s.calls * self.total_blocks
         if total and total > s.blocks_skipped:

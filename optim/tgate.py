@@ -20,6 +20,7 @@ transformer_options to the views of models whose blocks do not receive them (Pix
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -64,9 +65,15 @@ class RunStats:
     uncond_passes_dropped: int = 0
     gate_step: int | None = None
     steps: int | None = None
+    reused_steps: set = field(default_factory=set)   # steps where anything was reused or dropped
+    clock: step_counter.StepClock = field(default_factory=step_counter.StepClock)
 
     def as_dict(self) -> dict:
-        return dict(self.__dict__)
+        d = {k: v for k, v in self.__dict__.items() if k not in ("reused_steps", "clock")}
+        timed = self.clock.seconds
+        d["hits"] = step_counter.hit_string({s: (1, int(s in self.reused_steps)) for s in timed}, self.steps)
+        d["timed_speedup"] = self.clock.timed_speedup(s for s in timed if s not in self.reused_steps)
+        return d
 
 
 @dataclass(frozen=True)
@@ -128,6 +135,7 @@ class TGate:
         if call.step >= call.gate and cached is not None and cached.shape[0] * chunks == x.shape[0] \
                 and cached.shape[1:] == x.shape[1:]:  # cross-attention maps query_dim to query_dim
             run.stats.cross_attn_reused += 1
+            run.stats.reused_steps.add(call.step)
             return cached.repeat(chunks, *([1] * (cached.dim() - 1)))
         out = original_forward(view, *args, **kwargs)
         run.stats.cross_attn_computed += 1
@@ -145,6 +153,7 @@ class TGate:
         cached = run.self_attn.get(key)
         if call.step % k != 0 and cached is not None and cached[0] != call.step:
             run.stats.self_attn_reused += 1
+            run.stats.reused_steps.add(call.step)
             return cached[1]
         out = original_forward(view, *args, **kwargs)
         run.stats.self_attn_computed += 1
@@ -170,9 +179,14 @@ class TGate:
 
     def apply_model(self, executor, *args, **kwargs):
         """Work out the step, gate and batch layout once per model call, not once per layer."""
-        self.call = self._call_context(args[5] if len(args) > 5 else kwargs.get("transformer_options"))
+        self.call = call = self._call_context(args[5] if len(args) > 5 else kwargs.get("transformer_options"))
+        started = time.perf_counter()
         try:
-            return executor(*args, **kwargs)
+            out = executor(*args, **kwargs)
+            if call is not None and self.run is not None:
+                step_counter.sync(out)
+                self.run.stats.clock.add(call.step, time.perf_counter() - started)
+            return out
         finally:
             self.call = None
 
@@ -187,6 +201,7 @@ class TGate:
             return executor(model, conds, x_in, timestep, model_options)
         out = executor(model, [conds[0], None, *conds[2:]], x_in, timestep, model_options)
         run.stats.uncond_passes_dropped += 1
+        run.stats.reused_steps.add(step)
         return [out[0], out[0], *out[2:]]
 
 

@@ -29,7 +29,10 @@ OPTIONAL_PATHS = ["comfy/text_encoders/llama_tokenizer/tokenizer.json"]
 # torch/torchvision are installed as a pair; torchaudio only serves ComfyUI's audio nodes.
 SKIPPED_REQUIREMENTS = {"torch", "torchvision", "torchaudio"}
 EXTRA_REQUIREMENTS = ["requests", "pytest",  # requests: ComfyUI's frontend manager imports it
-                      "diffusers", "DeepCache"]  # test-only: the reference DeepCache runs on diffusers
+                      "diffusers", "DeepCache",  # test-only: the reference DeepCache runs on diffusers
+                      # test-only: drives the browser test; its wheel carries its own driver, and the
+                      # browser is the system's Chromium (apt-get install chromium), never downloaded
+                      "playwright"]
 # What the unit tests need when no ComfyUI (and so no requirements.txt) is available.
 STANDALONE_REQUIREMENTS = ["torch", "numpy", "pillow", "psutil", "safetensors", "pytest"]
 

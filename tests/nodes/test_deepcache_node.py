@@ -46,9 +46,10 @@ def test_interval_one_is_bit_identical_and_installs_nothing(dc, unet):
 def test_caching_skips_deep_blocks_on_the_expected_steps(dc, unet):
     patched = apply(dc, unet, cache_interval=3, cache_branch_id=0)
     out = sample(patched)
-    stats = controller(patched).last_stats
+    stats = dict(controller(patched).last_stats)
+    assert stats.pop("timed_speedup") > 0   # measured: its value depends on the machine
     assert stats == {"full_calls": 4, "shallow_calls": 6, "steps": 10, "fallback_calls": 0,
-                     "shallow_fraction": 0.6}
+                     "shallow_fraction": 0.6, "hits": "0110110110"}
     ref = sample(unet)
     assert torch.isfinite(out).all() and not torch.equal(out, ref)
 

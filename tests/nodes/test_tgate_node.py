@@ -49,6 +49,7 @@ def test_gate_skips_cross_attention_and_uncond_after_the_gate(nodes_, unet):
     assert stats["gate_step"] == 4 and stats["steps"] == 10
     assert stats["uncond_passes_dropped"] == 6
     assert stats["cross_attn_computed"] == 4 * layers and stats["cross_attn_reused"] == 6 * layers
+    assert stats["hits"] == "0000111111" and stats["timed_speedup"] > 0
     assert torch.isfinite(out).all() and not torch.equal(out, sample(unet))
     assert torch.equal(out, sample(patched))     # per-run state: a second run is identical
 

@@ -92,6 +92,7 @@ def test_fixed_schedule_refreshes_before_start_and_every_interval():
     # steps 0-3 refresh, 4 5 reuse, 6 refreshes, 7 8 reuse, 9 refreshes
     assert stats["calls"] == 10 and stats["calls_cached"] == 4 and stats["steps_cached"] == 4
     assert stats["blocks_skipped"] == 8 and stats["estimated_speedup"] == pytest.approx(40 / 32)
+    assert stats["hits"] == "0000110110"
     xs = inputs()
     for step in (0, 1, 2, 3, 6, 9):
         assert torch.equal(outs[step], forward(xs[step]))

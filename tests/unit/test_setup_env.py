@@ -18,7 +18,7 @@ def test_requirements_pair_torch_with_torchvision_and_drop_torchaudio(tmp_path):
     reqs = setup_env.requirements(tmp_path)
     assert reqs[:2] == ["torch", "torchvision"]
     assert "torchaudio" not in reqs and reqs.count("torch") == 1 and reqs.count("torchvision") == 1
-    assert {"torchsde", "numpy>=1.25.0", "kornia>=0.7.1", "requests", "pytest", "DeepCache"} <= set(reqs)
+    assert {"torchsde", "numpy>=1.25.0", "kornia>=0.7.1", "requests", "pytest", "DeepCache", "playwright"} <= set(reqs)
 
 
 def test_unreachable_repo_fails_fast_naming_both_variables(tmp_path):

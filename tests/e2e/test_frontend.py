@@ -1,0 +1,165 @@
+"""The frontend in a real browser: ComfyUI with the pack serves its page, headless Chromium (Debian's
+`chromium` package, driven by Playwright for Python) loads the DeepCache + T-GATE example workflow on
+factory models, with T-GATE moved into a subgraph and a second sampler sharing the patched model,
+queues it from the page, and the pack nodes show their run-stats badges. Saves a screenshot; with
+OPTIM_BADGES_SCREENSHOT=docs/frontend-badges.png it refreshes the README's picture (21:9, the
+Registry's banner shape)."""
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from bench import workflow_format as wf
+from bench.comfy_env import PACK_NAME, REPO_ROOT
+
+WORKFLOW = "deepcache-tgate-sd15"
+
+
+def chromium_path() -> str | None:
+    return os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("Playwright is not installed (pip install playwright): the frontend is not tested in a browser")
+    exe = chromium_path()
+    if exe is None:
+        pytest.skip("Chromium is not installed (apt-get install chromium): the frontend is not tested in a browser")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=exe, headless=True, args=["--disable-gpu"])
+        yield b
+        b.close()
+
+
+def example_graph(server) -> dict:
+    """The example workflow on factory models, short, plus a second sampler on the same patched
+    model; in UI format, as the template browser would open it."""
+    api = wf.swap_in_factory_models(wf.api_workflows()[WORKFLOW], "sd15")
+    for node in api.values():
+        if node["class_type"] == "EmptyLatentImage":
+            node["inputs"].update(width=64, height=64)
+        if node["class_type"] == "KSampler":
+            node["inputs"]["steps"] = 9
+    sampler = next(k for k, n in api.items() if n["class_type"] == "KSampler")
+    decode = next(k for k, n in api.items() if n["class_type"] == "VAEDecode")
+    api["sampler_b"] = {"class_type": "KSampler", "inputs": {**api[sampler]["inputs"], "seed": 7}}
+    api["decode_b"] = {"class_type": "VAEDecode",
+                       "inputs": {**api[decode]["inputs"], "samples": ["sampler_b", 0]}}
+    api["preview_b"] = {"class_type": "PreviewImage", "inputs": {"images": ["decode_b", 0]}}
+    return wf.api_to_ui(api, server.get("/object_info"), wf.notes()[WORKFLOW])
+
+
+OPEN_AND_QUEUE = """async (graph) => {
+  const app = window.comfyAPI.app.app, api = window.comfyAPI.api.api;
+  await app.loadGraphData(graph, true, true, "optim-badges-test");
+  const byType = (t) => app.graph.nodes.find((n) => n.type === t);
+  // T-GATE into a subgraph: its stats then arrive as "<subgraph node>:<inner node>"
+  const tgate = byType("OptimTGate");
+  const where = [...tgate.pos];
+  const { node: container } = app.graph.convertToSubgraph(new Set([tgate]));
+  container.pos = where;
+  container.title = "T-GATE subgraph";
+  container.size[0] = Math.max(container.size[0], 200);
+  window.__optim = { done: [], errors: [] };
+  api.addEventListener("execution_success", (e) => window.__optim.done.push(e.detail.prompt_id));
+  api.addEventListener("execution_error", (e) => window.__optim.errors.push(e.detail.exception_message));
+  await app.queuePrompt(0, 1);
+  return { container: String(container.id), deepcache: String(byType("OptimDeepCache").id) };
+}"""
+
+READ_BADGES = """async ({ container, deepcache }) => {
+  const app = window.comfyAPI.app.app;
+  const fmt = await import("/extensions/%s/optim_stats_format.js");
+  const outer = app.graph.getNodeById(container);
+  const inner = outer.subgraph.nodes.find((n) => n.type === "OptimTGate");
+  const dc = app.graph.getNodeById(deepcache);
+  // what the badge draws: every fillText of the node's foreground pass, on a scratch canvas
+  const drawn = (node) => {
+    const ctx = document.createElement("canvas").getContext("2d");
+    const texts = [];
+    const fillText = ctx.fillText.bind(ctx);
+    ctx.fillText = (t, ...rest) => { texts.push(t); fillText(t, ...rest); };
+    node.onDrawForeground?.(ctx, app.canvas, app.canvas.canvas);
+    return texts;
+  };
+  const runs = (n) => (n.optimRuns || []).map((r) => ({ technique: r.technique, stats: r.stats, inner: r.inner || null }));
+  return {
+    deepcache: { runs: runs(dc), lines: fmt.badgeLines(dc.optimRuns || []), drawn: drawn(dc) },
+    tgate: { id: inner.id, runs: runs(inner), drawn: drawn(inner) },
+    container: { runs: runs(outer), drawn: drawn(outer) },
+  };
+}""" % PACK_NAME
+
+
+def test_pack_nodes_show_their_run_stats_after_a_run(server, browser, tmp_path):
+    page = browser.new_page(viewport={"width": 1500, "height": 760})
+    page_errors = []
+    page.on("pageerror", lambda e: page_errors.append(f"{e}\n{e.stack}"))
+    # a returning user's page: no template browser over the graph, no minimap or render info
+    status, _ = server.post("/settings", {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False,
+                                          "Comfy.Graph.CanvasInfo": False})
+    assert status == 200
+    page.goto(server.url)
+    # ready: our extension registered, and the app's start-up workflow opened (loading ours before
+    # that would see it replaced)
+    page.wait_for_function("() => { const app = window.comfyAPI?.app?.app;"
+                           " return app?.extensions?.some((e) => e.name === 'comfyui-optim.stats')"
+                           " && app.extensionManager?.workflow?.activeWorkflow; }", timeout=30_000)
+    # frontend 1.27.10 itself throws once while registering its core settings (also without the
+    # pack: "reading 'id'" in settingStore.addSetting); what counts is every error from here on
+    page_errors.clear()
+    ids = page.evaluate(OPEN_AND_QUEUE, example_graph(server))
+    page.wait_for_function("() => window.__optim.done.length || window.__optim.errors.length", timeout=120_000)
+    assert page.evaluate("window.__optim.errors") == []
+    got = page.evaluate(READ_BADGES, ids)
+
+    # DeepCache: one run per sampler sharing its model, 6 of 9 steps shallow at interval 3
+    dc = got["deepcache"]
+    assert [r["technique"] for r in dc["runs"]] == ["deepcache", "deepcache"]
+    for run in dc["runs"]:
+        assert run["stats"]["shallow_calls"] == 6 and run["stats"]["hits"] == "011011011"
+        assert run["stats"]["timed_speedup"] > 0   # measured on a busy CPU: its value is not checked
+    assert dc["lines"][0].startswith("DeepCache (run 1): 6/9 steps reused · ") and "× measured" in dc["lines"][0]
+    assert dc["lines"][:2] == [t for t in dc["drawn"] if t.startswith("DeepCache")]
+
+    # T-GATE inside the subgraph: its own badge, and a line on the subgraph node naming it
+    tg = got["tgate"]
+    assert len(tg["runs"]) == 2 and all(r["stats"]["uncond_passes_dropped"] > 0 for r in tg["runs"])
+    assert any(t.startswith("T-GATE (run 1): ") and "steps reused" in t for t in tg["drawn"])
+    assert [r["inner"] for r in got["container"]["runs"]] == ["Optim T-GATE"] * 2
+    assert any(t.startswith("Optim T-GATE (run 1): ") and "steps reused" in t for t in got["container"]["drawn"])
+    assert not page_errors, page_errors
+
+    # the README's picture: the pack nodes and the samplers, DeepCache selected (its details open)
+    clip = page.evaluate("""(ids) => {
+      const app = window.comfyAPI.app.app, c = app.canvas;
+      const dc = app.graph.getNodeById(ids.deepcache);
+      const sampler = app.graph.nodes.find((n) => n.type === "KSampler");
+      c.selectNode(dc);
+      c.ds.scale = 1;
+      c.ds.offset = [30 - dc.pos[0], 130 - dc.pos[1]];
+      c.setDirty(true, true);
+      c.draw(true, true);
+      const box = c.canvas.getBoundingClientRect();
+      const screen = (x, y) => [box.left + (x + c.ds.offset[0]) * c.ds.scale, box.top + (y + c.ds.offset[1]) * c.ds.scale];
+      const [x0, y0] = screen(dc.pos[0] - 20, dc.pos[1] - 45);
+      const [x1] = screen(sampler.pos[0] + sampler.size[0] + 20, 0);
+      const width = Math.min(x1 - x0, 1400);
+      return { x: Math.max(0, x0), y: Math.max(0, y0), width, height: Math.round(width * 9 / 21) };
+    }""", ids)
+    shot = Path(os.environ.get("OPTIM_BADGES_SCREENSHOT") or tmp_path / "frontend-badges.png")
+    if not shot.is_absolute():
+        shot = REPO_ROOT / shot
+    shot.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(shot), type="png", clip=clip)
+    assert shot.stat().st_size > 10_000
+
+    # the next run clears the badges first: queued again, every output is cached, nothing samples
+    page.evaluate("async () => { window.__optim.done = []; await window.comfyAPI.app.app.queuePrompt(0, 1); }")
+    page.wait_for_function("() => window.__optim.done.length || window.__optim.errors.length", timeout=60_000)
+    assert page.evaluate("(id) => window.comfyAPI.app.app.graph.getNodeById(id).optimRuns", ids["deepcache"]) is None
+    page.close()

@@ -1,0 +1,230 @@
+// What the run-stats badges say: pure functions, no ComfyUI imports, so `node --test` checks them
+// (tests/web/) and the extension (optim_stats.js) only draws what they return.
+//
+// The badge reads well-known keys of a node's stats, whatever the technique (web/README.md lists
+// them), so a new node gets a sensible badge without frontend changes; a node whose stats have none
+// of them shows a few of its numeric fields instead.
+
+export const STATS_EVENT = "comfyui-optim.stats";
+
+export const TECHNIQUE_LABELS = {
+  noop: "No-op",
+  deepcache: "DeepCache",
+  tgate: "T-GATE",
+  ditcache: "DiT cache",
+  group_offload: "Group offload",
+  layerwise_cast: "fp8 cast",
+  vae: "VAE",
+  vae_tiling: "VAE tiling",
+};
+
+export function techniqueLabel(technique) {
+  const name = String(technique ?? "optim");
+  if (TECHNIQUE_LABELS[name]) return TECHNIQUE_LABELS[name];
+  const words = name.replace(/[_-]+/g, " ").trim();
+  return words ? words[0].toUpperCase() + words.slice(1) : "Optim";
+}
+
+const isNumber = (v) => typeof v === "number" && Number.isFinite(v);
+
+export function formatBytes(n) {
+  if (!isNumber(n)) return "—";
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let value = Math.abs(n);
+  let unit = 0;
+  while (value >= 1024 && unit < units.length - 1) {
+    value /= 1024;
+    unit += 1;
+  }
+  const digits = unit === 0 || value >= 100 ? 0 : value >= 10 ? 1 : 2;
+  return `${n < 0 ? "-" : ""}${value.toFixed(digits)} ${units[unit]}`;
+}
+
+export function formatNumber(v) {
+  if (!isNumber(v)) return "—";
+  if (Number.isInteger(v)) return String(v);
+  const a = Math.abs(v);
+  return a >= 100 ? v.toFixed(0) : a >= 10 ? v.toFixed(1) : a >= 0.01 ? v.toFixed(2) : v.toPrecision(2);
+}
+
+// A value with the unit its key names (the suffix conventions are in web/README.md).
+export function formatValue(key, value) {
+  if (value === null || value === undefined) return "—";
+  if (typeof value === "boolean") return value ? "yes" : "no";
+  if (typeof value === "string") return value.length > 60 ? `${value.slice(0, 57)}...` : value;
+  if (Array.isArray(value)) return value.length > 8 ? `${value.length} items` : value.map((v) => formatValue("", v)).join(", ");
+  if (typeof value === "object") return `${Object.keys(value).length} entries`;
+  if (!isNumber(value)) return String(value);
+  const k = String(key);
+  if (k.endsWith("_bytes") || k === "bytes") return formatBytes(value);
+  if (k.endsWith("speedup")) return `${value.toFixed(2)}×`;
+  if (k === "gbps" || k.endsWith("_gbps")) return `${formatNumber(value)} GB/s`;
+  if (k.endsWith("_fraction") || k.endsWith("_ratio")) return `${Math.round(value * 100)}%`;
+  if (k.endsWith("_seconds") || k.endsWith("_s")) return `${formatNumber(value)} s`;
+  if (k.endsWith("_ms")) return `${formatNumber(value)} ms`;
+  if (k.endsWith("_mb")) return `${formatNumber(value)} MiB`;
+  if (k.endsWith("_gb")) return `${formatNumber(value)} GiB`;
+  return formatNumber(value);
+}
+
+// Per-step hits: `hits` is a string with one character per step ('1' reused, '0' computed,
+// 'p' partly, '-' no call) or a list of booleans / 0-1 numbers.
+// null when no step saw a call (nothing to show).
+export function stepHits(stats) {
+  const hits = stats?.hits;
+  let cells = null;
+  if (typeof hits === "string") cells = [...hits].map((c) => ("01p-".includes(c) ? c : "-"));
+  else if (Array.isArray(hits)) {
+    cells = hits.map((h) => (h === true || h === 1 ? "1" : h === false || h === 0 ? "0" : isNumber(h) ? "p" : "-"));
+  }
+  return cells && cells.some((c) => c !== "-") ? cells : null;
+}
+
+// The parts of the compact summary, from the well-known keys, most telling first.
+function knownParts(stats) {
+  const s = stats || {};
+  const parts = [];
+  const used = new Set();
+  const take = (...keys) => keys.forEach((k) => used.add(k));
+
+  if (typeof s.note === "string" && s.note) {
+    parts.push(s.note);
+    take("note");
+  }
+  if (s.stepped_aside === true) {
+    parts.push("stepped aside");
+    take("stepped_aside");
+  }
+  const hits = stepHits(s);
+  if (hits) {
+    const ran = hits.filter((c) => c !== "-").length;
+    const reused = hits.filter((c) => c === "1" || c === "p").length;
+    parts.push(`${reused}/${ran} steps reused`);
+    take("hits", "steps", "steps_cached");
+  } else if (isNumber(s.steps_cached) && isNumber(s.steps)) {
+    parts.push(`${s.steps_cached}/${s.steps} steps reused`);
+    take("steps", "steps_cached");
+  } else if (isNumber(s.shallow_calls) && isNumber(s.full_calls)) {
+    parts.push(`${s.shallow_calls}/${s.shallow_calls + s.full_calls} calls shallow`);
+    take("shallow_calls", "full_calls");
+  }
+  if (isNumber(s.blocks_skipped) && s.blocks_skipped > 0) {
+    parts.push(`${s.blocks_skipped} blocks skipped`);
+    take("blocks_skipped");
+  }
+  if (isNumber(s.timed_speedup)) {
+    parts.push(`${s.timed_speedup.toFixed(2)}× measured`);
+    take("timed_speedup", "estimated_speedup");
+  } else if (isNumber(s.estimated_speedup)) {
+    parts.push(`~${s.estimated_speedup.toFixed(2)}× est.`);
+    take("estimated_speedup");
+  }
+  if (isNumber(s.tiles)) {
+    parts.push(`${s.tiles} tile${s.tiles === 1 ? "" : "s"}`);
+    take("tiles");
+  }
+  if (isNumber(s.peak_vram_bytes)) {
+    parts.push(`peak ${formatBytes(s.peak_vram_bytes)}`);
+    take("peak_vram_bytes");
+  } else if (isNumber(s.peak_memory_bytes)) {
+    parts.push(`peak ${formatBytes(s.peak_memory_bytes)}`);
+    take("peak_memory_bytes");
+  }
+  if (isNumber(s.bytes_moved)) {
+    parts.push(`moved ${formatBytes(s.bytes_moved)}`);
+    take("bytes_moved", "gb_moved");
+  }
+  if (isNumber(s.gbps)) {
+    parts.push(`${formatNumber(s.gbps)} GB/s`);
+    take("gbps");
+  }
+  return { parts, used };
+}
+
+const FALLBACK_SKIP = new Set(["steps", "calls"]);
+
+// Up to `limit` more numeric fields, for stats with few or none of the well-known keys; sizes and
+// speedups first, zeros last.
+function fallbackParts(stats, used, limit) {
+  const rank = (k, v) => (/(_bytes|_mb|_gb|speedup|gbps)$/.test(k) ? 0 : v === 0 ? 2 : 1);
+  return Object.entries(stats || {})
+    .filter(([k, v]) => isNumber(v) && !used.has(k) && !FALLBACK_SKIP.has(k))
+    .map(([k, v], i) => ({ k, v, i, r: rank(k, v) }))
+    .sort((a, b) => a.r - b.r || a.i - b.i)
+    .slice(0, Math.max(0, limit))
+    .map(({ k, v }) => `${shortLabel(k)} ${formatValue(k, v)}`);
+}
+
+// A key without the unit suffix its value already shows ("peak_inflight_bytes" -> "peak inflight").
+function shortLabel(key) {
+  const bare = key.replace(/_(bytes|mb|gb|seconds|s|ms|fraction|ratio|gbps)$/, "");
+  return (bare || key).replace(/_/g, " ");
+}
+
+// The compact one-line summary of one run's stats (without the technique's name).
+export function summarize(stats) {
+  const { parts, used } = knownParts(stats);
+  if (parts.length < 2) parts.push(...fallbackParts(stats, used, 3 - parts.length));
+  return parts.length ? parts.join(" · ") : "ran";
+}
+
+// Badge colour family: cache (reuse), memory, vae, or other.
+export function kindOf(technique, stats) {
+  const s = stats || {};
+  const t = String(technique || "");
+  if (t.includes("vae") || "tiles" in s) return "vae";
+  if (["peak_vram_bytes", "bytes_moved", "gbps", "peak_memory_bytes"].some((k) => k in s)) return "memory";
+  if (t.includes("offload") || t.includes("cast")) return "memory";
+  if ("hits" in s || "steps_cached" in s || "shallow_calls" in s || t.includes("cache") || t === "tgate") return "cache";
+  return "other";
+}
+
+// The badge text lines for the runs a node had in the last prompt (several when samplers share the
+// patched model). `runs`: [{technique, stats, inner?}] where inner names a node inside a subgraph.
+export function badgeLines(runs, maxRuns = 3) {
+  const lines = [];
+  const shown = runs.slice(0, maxRuns);
+  shown.forEach((run, i) => {
+    // a node inside a subgraph goes by its own title on the subgraph node (it names the technique)
+    const who = run.inner || techniqueLabel(run.technique);
+    const count = runs.length > 1 ? ` (run ${i + 1})` : "";
+    lines.push(`${who}${count}: ${summarize(run.stats)}`);
+  });
+  if (runs.length > maxRuns) lines.push(`+${runs.length - maxRuns} more run${runs.length - maxRuns === 1 ? "" : "s"}`);
+  return lines;
+}
+
+function humanKey(key) {
+  return String(key).replace(/_/g, " ");
+}
+
+// Every scalar field of one run, as [label, value] rows for the details panel.
+export function detailRows(stats) {
+  return Object.entries(stats || {})
+    .filter(([k]) => k !== "hits")
+    .map(([k, v]) => [humanKey(k), formatValue(k, v)]);
+}
+
+// Split an execution id ("12", or "5:3" for node 3 inside the subgraph of node 5) into node ids.
+export function executionPath(executionId) {
+  return String(executionId ?? "").split(":").filter((p) => p !== "");
+}
+
+// The nodes an execution id passes through, outermost first, ending with the node itself; null when
+// some step is missing. `graph` needs getNodeById; a subgraph node carries its graph in .subgraph.
+export function resolveExecutionId(graph, executionId) {
+  const path = executionPath(executionId);
+  if (!graph || !path.length) return null;
+  const chain = [];
+  let current = graph;
+  for (let i = 0; i < path.length; i++) {
+    const node = current?.getNodeById?.(path[i]) ?? current?.getNodeById?.(Number(path[i]));
+    if (!node) return null;
+    chain.push(node);
+    if (i < path.length - 1) {
+      current = node.subgraph;
+      if (!current) return null;
+    }
+  }
+  return chain;
+}
