@@ -3,11 +3,12 @@ from comfy_api.latest import ComfyExtension, io
 
 from .deepcache import OptimDeepCache
 from .ditcache import OptimDiTCache, OptimDiTCacheConfig, OptimDiTCacheLoad, OptimDiTCacheSearch
+from .group_offload import OptimGroupOffload
 from .noop import OptimNoop
 from .tgate import OptimTGate
 
 NODES: list[type[io.ComfyNode]] = [OptimNoop, OptimDeepCache, OptimTGate, OptimDiTCache, OptimDiTCacheSearch,
-                                   OptimDiTCacheLoad, OptimDiTCacheConfig]
+                                   OptimDiTCacheLoad, OptimDiTCacheConfig, OptimGroupOffload]
 
 
 class OptimExtension(ComfyExtension):
