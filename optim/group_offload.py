@@ -95,14 +95,16 @@ def managed_leaves(root: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
 def block_paths(diffusion_model: torch.nn.Module) -> list[str]:
     """Paths of the model's blocks in execution order: the family layout where one is known (Flux
     double then single blocks, Wan blocks, ...), else the children of every top-level block list
-    (UNet input blocks, the middle block's layers, output blocks)."""
+    (UNet input blocks, output blocks) and a UNet's middle block as one block."""
     fam = dit_layout.family_of(diffusion_model)
     if fam is not None:
         return [ref.path for ref in dit_layout.block_refs(diffusion_model, fam)]
     out = []
     for name, child in diffusion_model.named_children():
-        if isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential)):
+        if isinstance(child, torch.nn.ModuleList):
             out.extend(f"{name}.{sub}" for sub in child._modules)
+        elif name == "middle_block":
+            out.append(name)
     return out
 
 
