@@ -288,6 +288,7 @@ class _Installation:
         self.current: int | None = None
         self.trace: list[int] = []
         self.matching: list[tuple] = []
+        self.in_call = False
         self.handles = []
         for gi, g in enumerate(groups):
             for _, m in g.leaves:
@@ -295,7 +296,9 @@ class _Installation:
 
     def _pre_hook(self, gi: int):
         def hook(_module, _args):
-            if gi != self.current:
+            # outside a model call seen by the APPLY_MODEL wrapper ComfyUI's own per-layer cast
+            # serves the layer, so nothing can stay swapped in
+            if self.in_call and gi != self.current:
                 self.activate(gi)
         return hook
 
@@ -356,9 +359,11 @@ class _Installation:
         self.trace = []
         self.matching = list(self.ctl.traces)
         self.current = None
+        self.in_call = True
         self.stats.calls += 1
 
     def end_call(self) -> None:
+        self.in_call = False
         for gi in list(self.onloaded):
             self._swap_out(gi)
         self.stats.prefetch_wasted += len(self.inflight)
@@ -441,8 +446,11 @@ class GroupOffload:
             self.install = None
 
     def on_detach(self, patcher, unpatch_all) -> None:
-        """ComfyUI unloaded the model: release the pinned copies and the call history."""
+        """ComfyUI unloaded the model: release the pinned copies and the call history. (A detach
+        without unpatching is ComfyUI re-registering the same model for the next prompt.)"""
         self.eject(patcher)
+        if not unpatch_all:
+            return
         if self.mover is not None:
             self.mover.drop_pinned()
         self.traces.clear()
