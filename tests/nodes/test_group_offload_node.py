@@ -12,9 +12,12 @@ def node(comfy_nodes):
     return comfy_nodes.NODE_CLASS_MAPPINGS["OptimGroupOffload"]
 
 
+SD_LAYOUT = factory.sd_unet_config(32, [1, 2, 2], 1, [1, 1, 0], 1, 768, False, heads=4)
+
+
 @pytest.fixture(scope="module")
 def unet(comfy_nodes):
-    return factory.build_model("sd15")
+    return factory.build_model("sd15", unet_config=SD_LAYOUT)
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +30,7 @@ def apply(node, model, **kw):
 
 
 def sample(model, fam="sd15", **kw):
-    args = dict(steps=3, cfg=5.0, width=64, height=64)
+    args = dict(steps=2, cfg=5.0, width=64, height=64)
     args.update(kw)
     return factory.sample(model, fam, **args)
 
