@@ -41,6 +41,10 @@ class OptimGroupOffload(io.ComfyNode):
                 io.Float.Input("vram_budget_gb", default=0.0, min=0.0, max=4096.0, step=0.25,
                                tooltip="GPU memory for the weights: resident layers plus the groups in flight. "
                                        "0 streams every layer ComfyUI can stream."),
+                io.Boolean.Input("offload_to_disk", default=False,
+                                 tooltip="Keep the streamed weights in a memory-mapped file under ComfyUI's temp "
+                                         "folder instead of RAM (for machines with little RAM); the file is "
+                                         "removed when the model is unloaded."),
             ],
             outputs=[io.Model.Output(display_name="model")],
             hidden=[io.Hidden.unique_id],
@@ -57,9 +61,10 @@ class OptimGroupOffload(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, offload_type="block_level", num_blocks_per_group=1, use_stream=True,
-                record_stream=False, low_cpu_mem_usage=False, vram_budget_gb=0.0) -> io.NodeOutput:
+                record_stream=False, low_cpu_mem_usage=False, vram_budget_gb=0.0,
+                offload_to_disk=False) -> io.NodeOutput:
         params = group_offload.GroupOffloadParams(offload_type, num_blocks_per_group, use_stream, record_stream,
-                                                  low_cpu_mem_usage, vram_budget_gb)
+                                                  low_cpu_mem_usage, vram_budget_gb, offload_to_disk)
         problems = params.problems()
         if problems:
             raise ValueError("OptimGroupOffload: " + "; ".join(problems))

@@ -31,11 +31,12 @@ from __future__ import annotations
 
 import collections
 import logging
+import weakref
 from dataclasses import dataclass, field
 
 import torch
 
-from . import dit_layout
+from . import disk_offload, dit_layout
 
 KEY = "comfyui-optim.group_offload"
 OFFLOAD_TYPES = ("block_level", "leaf_level")
@@ -52,6 +53,7 @@ class GroupOffloadParams:
     record_stream: bool = False
     low_cpu_mem_usage: bool = False
     vram_budget_gb: float = 0.0    # resident weights plus in-flight groups; 0: as little as possible
+    offload_to_disk: bool = False  # offloaded weights in a memory-mapped file under ComfyUI's temp dir
 
     def problems(self) -> list[str]:
         out = []
@@ -263,12 +265,13 @@ class OffloadStats:
     prefetch_wasted: int = 0        # prefetched, then not run before the call ended
     peak_inflight_bytes: int = 0    # largest amount of streamed weights on the device at once
     resident_bytes: int = 0         # ComfyUI's accounting of loaded weights after the budget
+    disk_bytes: int = 0             # offloaded weights held in files instead of RAM
     per_group: collections.Counter = field(default_factory=collections.Counter)  # transfers by group name
 
     def as_dict(self) -> dict:
         d = {k: getattr(self, k) for k in ("calls", "groups_streamed", "streamed_bytes_per_pass", "transfers",
                                            "bytes_moved", "sync_loads", "prefetch_hits", "prefetch_wasted",
-                                           "peak_inflight_bytes", "resident_bytes")}
+                                           "peak_inflight_bytes", "resident_bytes", "disk_bytes")}
         d["gb_moved"] = round(self.bytes_moved / GIB, 3)
         return d
 
@@ -407,6 +410,9 @@ class GroupOffload:
         self.stats = OffloadStats()
         self.last_stats: dict | None = None
         self.run_active = False
+        self.stores: list[disk_offload.DiskStore] = []
+        # if the node's MODEL is dropped while its weights rest on disk, they come back to RAM
+        self._finalizer = weakref.finalize(self, disk_offload.release_all, self.stores)
 
     def remember(self, trace: tuple) -> None:
         if trace in self.traces:
@@ -433,12 +439,29 @@ class GroupOffload:
         self.install = None
         if not streamed:
             return
+        if self.params.offload_to_disk:
+            self._to_disk(streamed)
         if self.mover is None or self.mover.device != torch.device(patcher.load_device):
+            # weights on disk are pinned per transfer: a pinned copy would hold them in RAM again
             self.mover = Mover(patcher.load_device, self.params.use_stream, self.params.record_stream,
-                               self.params.low_cpu_mem_usage)
+                               self.params.low_cpu_mem_usage or self.params.offload_to_disk)
         self.stats.groups_streamed = len(streamed)
         self.stats.streamed_bytes_per_pass = sum(g.nbytes for g in streamed)
         self.install = _Installation(self, streamed, self.mover, self.stats)
+
+    def _to_disk(self, streamed: list[Group]) -> None:
+        """Move the RAM storage of the streamed layers to a file (layers already there stay)."""
+        there = disk_offload.pointers(self.stores)
+        todo = [(f"{path}.{pname}", p) for g in streamed for path, m in g.leaves
+                for pname, p in m._parameters.items()
+                if p is not None and p.device.type == "cpu" and p.data_ptr() not in there]
+        unused = [s for s in self.stores if not s.in_use()]   # ComfyUI moved their layers since
+        if todo:
+            self.stores.append(disk_offload.DiskStore(todo))
+        for store in unused:     # after the write: identical content keeps its folder
+            self.stores.remove(store)
+            store.release()
+        self.stats.disk_bytes = sum(s.nbytes for s in self.stores)
 
     def eject(self, patcher) -> None:
         if self.install is not None:
@@ -451,6 +474,7 @@ class GroupOffload:
         self.eject(patcher)
         if not unpatch_all:
             return
+        disk_offload.release_all(self.stores)
         if self.mover is not None:
             self.mover.drop_pinned()
         self.traces.clear()
@@ -483,7 +507,7 @@ class GroupOffload:
             inst.end_call()
 
     def outer_sample(self, executor, *args, **kwargs):
-        self.stats = OffloadStats(resident_bytes=self.stats.resident_bytes,
+        self.stats = OffloadStats(resident_bytes=self.stats.resident_bytes, disk_bytes=self.stats.disk_bytes,
                                   groups_streamed=self.stats.groups_streamed,
                                   streamed_bytes_per_pass=self.stats.streamed_bytes_per_pass)
         if self.install is not None:

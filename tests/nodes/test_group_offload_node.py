@@ -184,3 +184,32 @@ def test_validation_messages(node):
     assert node.validate_inputs(offload_type="block_level") is True
     assert "offload_type" in node.validate_inputs(offload_type="blocks")
     assert "record_stream" in node.validate_inputs(offload_type="leaf_level", use_stream=False, record_stream=True)
+
+
+def test_disk_offload_isolation_and_cleanup(node, flux, comfy_nodes):
+    """Two models of the same architecture with different weights, both offloaded to disk at
+    once: each reads only its own file (bit-identical outputs), the files sit in content-keyed
+    folders under ComfyUI's temp directory and go when ComfyUI unloads the models."""
+    import comfy.model_management as mm
+    import folder_paths
+    from optim import disk_offload
+    other = factory.build_model("flux", seed=1)
+    ref_a, ref_b = sample(flux, "flux"), sample(other, "flux")
+    assert not torch.equal(ref_a, ref_b)
+    pa, pb = apply(node, flux, offload_to_disk=True), apply(node, other, offload_to_disk=True)
+    for _ in range(2):
+        assert torch.equal(sample(pa, "flux"), ref_a)
+        assert torch.equal(sample(pb, "flux"), ref_b)
+    ca, cb = go.controller(pa), go.controller(pb)
+    fa, fb = [s.folder for s in ca.stores], [s.folder for s in cb.stores]
+    assert len(fa) == 1 and len(fb) == 1 and fa != fb
+    base = (disk_offload.Path(folder_paths.get_temp_directory()) / disk_offload.FOLDER).resolve()
+    assert all(f.resolve().parent == base and (f / "weights.bin").exists() for f in fa + fb)
+    assert ca.last_stats["disk_bytes"] >= ca.last_stats["streamed_bytes_per_pass"] > 0
+    # the streamed weights really rest on the mapped file between calls
+    leaf = pa.model.diffusion_model.double_blocks[0].img_attn.qkv
+    assert leaf.weight.data_ptr() in disk_offload.pointers(ca.stores)
+    mm.unload_all_models()
+    assert not any(f.exists() for f in fa + fb)
+    assert leaf.weight.data_ptr() not in disk_offload.pointers(ca.stores)   # back in RAM
+    assert torch.equal(sample(flux, "flux"), ref_a) and torch.equal(sample(other, "flux"), ref_b)
