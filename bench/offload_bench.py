@@ -205,6 +205,10 @@ def summary(result: dict) -> str:
                      f"{(r['vs_floor'] or float('nan')):7.2f} {r['bytes_per_step'] / 2**20:9.1f} "
                      f"{(r['achieved_h2d_gbs'] or 0):6.2f} {(r['peak_vram_mb'] or float('nan')):8.0f} "
                      f"{r['resident_mb']:9.1f} {r['identical']}")
+    if result["bandwidth"]["pinned_h2d_gbs"] is None:
+        lines.append("CPU run: load and offload device are the same, so timings say nothing about offload; "
+                     "comfy_lowvram MB/step is what its per-layer cast would copy on a GPU (computed: on a CPU "
+                     "it copies nothing), group_offload MB/step is counted copies")
     return "\n".join(lines)
 
 

@@ -1,5 +1,6 @@
 """OptimGroupOffload: stream the weights ComfyUI leaves off the GPU in execution-ordered groups,
 prefetched on a side stream (MODEL -> MODEL)."""
+import copy
 import logging
 
 from comfy_api.latest import io
@@ -75,4 +76,41 @@ class OptimGroupOffload(io.ComfyNode):
             return io.NodeOutput(model)
         patched = model.clone()
         group_offload.attach(patched, params, on_run_end=stats_sender(node_id_of(cls), "group_offload"))
+        return io.NodeOutput(patched)
+
+
+class OptimGroupOffloadVAE(io.ComfyNode):
+    """The same streaming for a VAE (VAE -> VAE): its decoder's and encoder's up/down levels are the
+    groups; the budget applies whenever ComfyUI loads the VAE."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        schema = OptimGroupOffload.define_schema()
+        return io.Schema(
+            node_id="OptimGroupOffloadVAE",
+            display_name="Optim Group Offload (VAE)",
+            category="optim/memory",
+            description="Group offload for a VAE: keeps at most vram_budget_gb of its weights on the GPU "
+                        "and streams the rest level by level, prefetched on a side CUDA stream.",
+            inputs=[io.Vae.Input("vae")] + [i for i in schema.inputs if i.id != "model"],
+            outputs=[io.Vae.Output(display_name="vae")],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def validate_inputs(cls, offload_type, use_stream=True, record_stream=False):
+        return OptimGroupOffload.validate_inputs(offload_type, use_stream, record_stream)
+
+    @classmethod
+    def execute(cls, vae, offload_type="block_level", num_blocks_per_group=1, use_stream=True,
+                record_stream=False, low_cpu_mem_usage=False, vram_budget_gb=0.0,
+                offload_to_disk=False) -> io.NodeOutput:
+        params = group_offload.GroupOffloadParams(offload_type, num_blocks_per_group, use_stream, record_stream,
+                                                  low_cpu_mem_usage, vram_budget_gb, offload_to_disk)
+        problems = params.problems()
+        if problems:
+            raise ValueError("OptimGroupOffloadVAE: " + "; ".join(problems))
+        patched = copy.copy(vae)               # shares the modules; its own patcher clone
+        patched.patcher = vae.patcher.clone()
+        group_offload.attach_module(patched.patcher, params)
         return io.NodeOutput(patched)

@@ -97,16 +97,22 @@ def managed_leaves(root: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
 def block_paths(diffusion_model: torch.nn.Module) -> list[str]:
     """Paths of the model's blocks in execution order: the family layout where one is known (Flux
     double then single blocks, Wan blocks, ...), else the children of every top-level block list
-    (UNet input blocks, output blocks) and a UNet's middle block as one block."""
+    (UNet input blocks, output blocks; a VAE's up and down levels) and a UNet's middle block as
+    one block."""
     fam = dit_layout.family_of(diffusion_model)
     if fam is not None:
         return [ref.path for ref in dit_layout.block_refs(diffusion_model, fam)]
-    out = []
-    for name, child in diffusion_model.named_children():
-        if isinstance(child, torch.nn.ModuleList):
-            out.extend(f"{name}.{sub}" for sub in child._modules)
-        elif name == "middle_block":
+    out: list[str] = []
+    lists: list[str] = []     # outermost block lists found so far (nested lists belong to their blocks)
+    for name, child in diffusion_model.named_modules():
+        if any(name.startswith(f"{outer}.") for outer in lists):
+            continue
+        if name == "middle_block":
             out.append(name)
+            lists.append(name)
+        elif isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential)) and name:
+            lists.append(name)
+            out.extend(f"{name}.{sub}" for sub in child._modules)
     return out
 
 
@@ -401,8 +407,17 @@ def offloaded(module: torch.nn.Module, load_device: torch.device) -> bool:
 
 
 class GroupOffload:
-    def __init__(self, params: GroupOffloadParams, on_run_end=None):
+    """`target` "diffusion": a MODEL's diffusion model, with sampling wrappers for the budget and
+    the call boundaries. "module": the patcher's whole module (a VAE's or text encoder's), with the
+    budget applied when the model is injected and each call of one of its top-level children as a
+    call boundary (VAE decode runs `decoder`, not `forward`)."""
+
+    def __init__(self, params: GroupOffloadParams, on_run_end=None, target: str = "diffusion"):
         self.params = params
+        self.target = target
+        self.boundary_handles: list = []
+        self.boundary_owner = None
+        self.enforcing = False
         self.on_run_end = on_run_end
         self.install: _Installation | None = None
         self.mover: Mover | None = None
@@ -426,10 +441,17 @@ class GroupOffload:
         return max(0, int(self.params.vram_budget_gb * GIB) - sum(window))
 
     # -- injection: runs after ComfyUI loaded the model / before it moves weights
+    def root(self, patcher) -> torch.nn.Module:
+        return patcher.model.diffusion_model if self.target == "diffusion" else patcher.model
+
     def inject(self, patcher) -> None:
+        if self.enforcing:
+            return
         if self.install is not None:
             self.install.remove()
-        dm = patcher.model.diffusion_model
+        if self.target == "module":
+            self.enforce_budget(patcher)
+        dm = self.root(patcher)
         groups = plan_groups(dm, self.params.offload_type, self.params.num_blocks_per_group)
         streamed = []
         for g in groups:
@@ -448,6 +470,35 @@ class GroupOffload:
         self.stats.groups_streamed = len(streamed)
         self.stats.streamed_bytes_per_pass = sum(g.nbytes for g in streamed)
         self.install = _Installation(self, streamed, self.mover, self.stats)
+        if self.target == "module":
+            self._install_boundaries(dm)
+
+    def _install_boundaries(self, root: torch.nn.Module) -> None:
+        def begin(child):
+            def hook(_m, _args):
+                if self.boundary_owner is None and self.install is not None:
+                    self.boundary_owner = child
+                    self.install.begin_call()
+            return hook
+
+        def end(child):
+            def hook(_m, _args, _out):
+                if self.boundary_owner is child:
+                    self.boundary_owner = None
+                    if self.install is not None:
+                        self.install.end_call()
+                    self.last_stats = self.stats.as_dict()   # no sampling run here: totals so far
+            return hook
+        for _name, child in root.named_children():
+            self.boundary_handles.append(child.register_forward_pre_hook(begin(child)))
+            # always_call: an exception inside the call still swaps every parameter back
+            self.boundary_handles.append(child.register_forward_hook(end(child), always_call=True))
+
+    def _remove_boundaries(self) -> None:
+        for h in self.boundary_handles:
+            h.remove()
+        self.boundary_handles.clear()
+        self.boundary_owner = None
 
     def _to_disk(self, streamed: list[Group]) -> None:
         """Move the RAM storage of the streamed layers to a file (layers already there stay)."""
@@ -464,6 +515,9 @@ class GroupOffload:
         self.stats.disk_bytes = sum(s.nbytes for s in self.stores)
 
     def eject(self, patcher) -> None:
+        if self.enforcing:
+            return
+        self._remove_boundaries()
         if self.install is not None:
             self.install.remove()
             self.install = None
@@ -488,12 +542,16 @@ class GroupOffload:
     def enforce_budget(self, patcher) -> None:
         """Move layers beyond the budget off the device with ComfyUI's own partial unload, so its
         accounting (`loaded_size`) stays the truth."""
-        groups = plan_groups(patcher.model.diffusion_model, self.params.offload_type,
-                             self.params.num_blocks_per_group)
+        groups = plan_groups(self.root(patcher), self.params.offload_type, self.params.num_blocks_per_group)
         target = self.budget_bytes(groups)
         loaded = patcher.loaded_size()
         if loaded > target:
-            patcher.partially_unload(patcher.offload_device, loaded - target)
+            # from inside an injection, ComfyUI's unload ejects and re-injects: ignore those calls
+            self.enforcing = True
+            try:
+                patcher.partially_unload(patcher.offload_device, loaded - target)
+            finally:
+                self.enforcing = False
         self.stats.resident_bytes = patcher.loaded_size()
 
     def apply_model(self, executor, *args, **kwargs):
@@ -529,6 +587,19 @@ class GroupOffload:
                      stats["prefetch_hits"], stats["prefetch_wasted"], stats["sync_loads"])
             if self.on_run_end is not None:
                 self.on_run_end(stats)
+
+
+def attach_module(patcher, params: GroupOffloadParams, on_run_end=None) -> GroupOffload:
+    """Install group offload on the patcher of a VAE or text encoder (a clone owned by the caller)."""
+    import comfy.patcher_extension as pe
+    problems = params.problems()
+    if problems:
+        raise ValueError("; ".join(problems))
+    ctl = GroupOffload(params, on_run_end, target="module")
+    patcher.remove_callbacks_with_key(pe.CallbacksMP.ON_DETACH, KEY)
+    patcher.set_injections(KEY, [pe.PatcherInjection(inject=ctl.inject, eject=ctl.eject)])
+    patcher.add_callback_with_key(pe.CallbacksMP.ON_DETACH, KEY, ctl.on_detach)
+    return ctl
 
 
 def attach(patcher, params: GroupOffloadParams, on_run_end=None) -> GroupOffload:

@@ -213,3 +213,35 @@ def test_disk_offload_isolation_and_cleanup(node, flux, comfy_nodes):
     assert not any(f.exists() for f in fa + fb)
     assert leaf.weight.data_ptr() not in disk_offload.pointers(ca.stores)   # back in RAM
     assert torch.equal(sample(flux, "flux"), ref_a) and torch.equal(sample(other, "flux"), ref_b)
+
+
+@pytest.fixture(scope="module")
+def vae_node(comfy_nodes):
+    return comfy_nodes.NODE_CLASS_MAPPINGS["OptimGroupOffloadVAE"]
+
+
+@pytest.mark.parametrize("offload_type", ["block_level", "leaf_level"])
+def test_vae_decode_and_encode_bit_identical_and_removed(vae_node, comfy_nodes, offload_type):
+    import comfy.model_management as mm
+    vae = factory.build_vae("sd15")
+    latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        ref = vae.decode(latent)
+        ref_enc = vae.encode(ref)
+    patched = vae_node.execute(vae=vae, offload_type=offload_type).result[0]
+    with torch.inference_mode():
+        out, enc = patched.decode(latent), patched.encode(ref)
+        again = patched.decode(latent)
+    assert torch.equal(out, ref) and torch.equal(again, ref) and torch.equal(enc, ref_enc)
+    ctl = go.controller(patched.patcher)
+    stats = ctl.last_stats
+    groups = go.plan_groups(vae.first_stage_model, offload_type, 1)
+    assert stats["groups_streamed"] == len(groups) and stats["bytes_moved"] > 0
+    if offload_type == "block_level":   # the decoder's layers are groups of their own
+        assert sum(g.name.startswith("taesd_decoder.") for g in groups) > 5
+    assert hooks_on(patched.patcher) > 0
+    mm.unload_all_models()
+    assert hooks_on(patched.patcher) == 0
+    with torch.inference_mode():
+        assert torch.equal(vae.decode(latent), ref)     # the plain VAE, as ComfyUI alone runs it
+    assert hooks_on(vae.patcher) == 0
