@@ -114,3 +114,40 @@ class OptimGroupOffloadVAE(io.ComfyNode):
         patched.patcher = vae.patcher.clone()
         group_offload.attach_module(patched.patcher, params)
         return io.NodeOutput(patched)
+
+
+class OptimGroupOffloadCLIP(io.ComfyNode):
+    """The same streaming for a text encoder (CLIP -> CLIP): its transformer layers are the groups;
+    the budget applies whenever ComfyUI loads the encoder."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        schema = OptimGroupOffload.define_schema()
+        return io.Schema(
+            node_id="OptimGroupOffloadCLIP",
+            display_name="Optim Group Offload (CLIP)",
+            category="optim/memory",
+            description="Group offload for a text encoder: keeps at most vram_budget_gb of its weights on "
+                        "the GPU and streams the rest layer group by layer group, prefetched on a side "
+                        "CUDA stream.",
+            inputs=[io.Clip.Input("clip")] + [i for i in schema.inputs if i.id != "model"],
+            outputs=[io.Clip.Output(display_name="clip")],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def validate_inputs(cls, offload_type, use_stream=True, record_stream=False):
+        return OptimGroupOffload.validate_inputs(offload_type, use_stream, record_stream)
+
+    @classmethod
+    def execute(cls, clip, offload_type="block_level", num_blocks_per_group=1, use_stream=True,
+                record_stream=False, low_cpu_mem_usage=False, vram_budget_gb=0.0,
+                offload_to_disk=False) -> io.NodeOutput:
+        params = group_offload.GroupOffloadParams(offload_type, num_blocks_per_group, use_stream, record_stream,
+                                                  low_cpu_mem_usage, vram_budget_gb, offload_to_disk)
+        problems = params.problems()
+        if problems:
+            raise ValueError("OptimGroupOffloadCLIP: " + "; ".join(problems))
+        patched = clip.clone()
+        group_offload.attach_module(patched.patcher, params)
+        return io.NodeOutput(patched)

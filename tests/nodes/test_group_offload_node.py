@@ -245,3 +245,27 @@ def test_vae_decode_and_encode_bit_identical_and_removed(vae_node, comfy_nodes, 
     with torch.inference_mode():
         assert torch.equal(vae.decode(latent), ref)     # the plain VAE, as ComfyUI alone runs it
     assert hooks_on(vae.patcher) == 0
+
+
+def test_clip_encode_bit_identical_and_removed(comfy_nodes):
+    """A full-width SD1 CLIP-L text encoder with generated weights."""
+    import comfy.model_management as mm
+    import comfy.sd
+    import comfy.sd1_clip
+    import comfy.supported_models_base as smb
+    clip_node = comfy_nodes.NODE_CLASS_MAPPINGS["OptimGroupOffloadCLIP"]
+    clip = comfy.sd.CLIP(smb.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel))
+    factory.fill_module(clip.cond_stage_model, 0)
+    tokens = clip.tokenize("a lighthouse on a cliff")
+    with torch.inference_mode():
+        ref, ref_pooled = clip.encode_from_tokens(tokens, return_pooled=True)
+        patched = clip_node.execute(clip=clip, num_blocks_per_group=3).result[0]
+        out, pooled = patched.encode_from_tokens(tokens, return_pooled=True)
+    assert torch.equal(out, ref) and torch.equal(pooled, ref_pooled)
+    stats = go.controller(patched.patcher).last_stats
+    layers = len(clip.cond_stage_model.clip_l.transformer.text_model.encoder.layers)
+    assert stats["groups_streamed"] >= layers // 3 and stats["bytes_moved"] > 0
+    mm.unload_all_models()
+    assert hooks_on(patched.patcher) == 0
+    with torch.inference_mode():
+        assert torch.equal(clip.encode_from_tokens(tokens), ref)
