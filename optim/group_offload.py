@@ -450,7 +450,7 @@ class GroupOffload:
         if self.install is not None:
             self.install.remove()
         if self.target == "module":
-            self.enforce_budget(patcher)
+            self.enforce_budget(patcher, from_inject=True)
         dm = self.root(patcher)
         groups = plan_groups(dm, self.params.offload_type, self.params.num_blocks_per_group)
         streamed = []
@@ -539,15 +539,17 @@ class GroupOffload:
         self.enforce_budget(model)
         return out
 
-    def enforce_budget(self, patcher) -> None:
+    def enforce_budget(self, patcher, from_inject: bool = False) -> None:
         """Move layers beyond the budget off the device with ComfyUI's own partial unload, so its
         accounting (`loaded_size`) stays the truth."""
         groups = plan_groups(self.root(patcher), self.params.offload_type, self.params.num_blocks_per_group)
         target = self.budget_bytes(groups)
         loaded = patcher.loaded_size()
         if loaded > target:
-            # from inside an injection, ComfyUI's unload ejects and re-injects: ignore those calls
-            self.enforcing = True
+            # from inside our injection, ComfyUI's unload may eject and re-inject: ignore those
+            # calls (the injection goes on to plan from the new state); from the sampling wrapper
+            # the re-injection is what installs the hooks for the new state
+            self.enforcing = from_inject
             try:
                 patcher.partially_unload(patcher.offload_device, loaded - target)
             finally:

@@ -57,6 +57,7 @@ def test_bit_identical_to_resident(node, unet, flux, fam, offload_type, use_stre
     stats = go.controller(patched).last_stats
     groups = go.plan_groups(base.model.diffusion_model, offload_type, 2)
     assert stats["groups_streamed"] == len(groups)       # budget 0: every group is streamed
+    assert stats["calls"] >= 2 and stats["bytes_moved"] >= stats["calls"] * stats["streamed_bytes_per_pass"] > 0
     # every group moves once per call, plus the first call's guesses in registration order that
     # the model's real order proved wrong (leaf level: a UNet registers attn2 after ff)
     assert stats["transfers"] == stats["calls"] * len(groups) + stats["prefetch_wasted"]
@@ -81,6 +82,7 @@ def test_comfyui_accounting_stays_true_and_follows_the_budget(node, unet):
     never_streamed = size - sum(g.nbytes for g in groups)
     assert patched.loaded_size() == resident_bytes(patched) + never_streamed
     stats = ctl.last_stats
+    assert stats["calls"] > 0 and stats["transfers"] > 0
     assert 0 < stats["groups_streamed"] and stats["streamed_bytes_per_pass"] + resident_bytes(patched) \
         == sum(g.nbytes for g in groups)
     assert torch.equal(out, sample(unet))
@@ -98,6 +100,7 @@ def test_lifecycle_unload_free_next_prompt_and_removal(node, unet, flux):
         assert torch.equal(sample(pu), ref_u)
         assert torch.equal(sample(pf, "flux"), ref_f)
     assert hooks_on(pu) > 0 and hooks_on(pf) > 0       # both loaded (the CPU holds both)
+    assert go.controller(pu).last_stats["transfers"] > 0 and go.controller(pf).last_stats["transfers"] > 0
     # /free: ComfyUI unloads everything; our hooks go with the injection, nothing stays swapped
     import comfy.model_management as mm
     mm.unload_all_models()
@@ -128,6 +131,7 @@ def test_lora_before_after_and_strength_change(node, unet, flux, with_lora, fam,
     for model, ref in ((before_a, ref_a), (after_a, ref_a), (before_b, ref_b), (after_b, ref_b),
                        (after_a, ref_a), (before_a, ref_a)):
         assert torch.equal(sample(model, fam), ref)
+        assert go.controller(model).last_stats["transfers"] > 0     # really streamed
     assert torch.equal(sample(base, fam), sample(offloaded, fam))   # no LoRA left behind
 
 
@@ -158,6 +162,7 @@ def test_composes_with_dit_cache(node, flux, comfy_nodes):
     assert torch.equal(sample(model, "flux", steps=6), ref)
     ctl = go.controller(model)
     per = ctl.last_per_group
+    assert ctl.last_stats["calls"] == 6 and ctl.last_stats["transfers"] > 0
     # without prefetch every transfer is a group that ran: cached blocks move on refresh steps only
     assert per["double_blocks.0"] < ctl.last_stats["calls"]
     assert per["final_layer.linear..final_layer.adaLN_modulation.1"] == ctl.last_stats["calls"]
@@ -201,6 +206,7 @@ def test_disk_offload_isolation_and_cleanup(node, flux, comfy_nodes):
         assert torch.equal(sample(pa, "flux"), ref_a)
         assert torch.equal(sample(pb, "flux"), ref_b)
     ca, cb = go.controller(pa), go.controller(pb)
+    assert ca.last_stats["transfers"] > 0 and cb.last_stats["transfers"] > 0
     fa, fb = [s.folder for s in ca.stores], [s.folder for s in cb.stores]
     assert len(fa) == 1 and len(fb) == 1 and fa != fb
     base = (disk_offload.Path(folder_paths.get_temp_directory()) / disk_offload.FOLDER).resolve()
