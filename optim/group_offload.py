@@ -331,6 +331,11 @@ class _Installation:
     def activate(self, gi: int) -> None:
         self.trace.append(gi)
         self.matching = [t for t in self.matching if len(t) >= len(self.trace) and t[len(self.trace) - 1] == gi]
+        # the previous group goes first: its device copies return to the allocator (stream-ordered,
+        # so kernels still queued on them are safe) before this group's are taken
+        for other in list(self.onloaded):
+            if other != gi:
+                self._swap_out(other)
         if gi not in self.onloaded:
             flight = self.inflight.pop(gi, None)
             if flight is None:
@@ -339,9 +344,6 @@ class _Installation:
             else:
                 self.stats.prefetch_hits += 1
             self._swap_in(gi, self.mover.finish(flight))
-        for other in list(self.onloaded):
-            if other != gi:
-                self._swap_out(other)
         self.current = gi
         nxt = self.predict_next(gi)
         for stale in [k for k in self.inflight if k != nxt]:
