@@ -1,4 +1,4 @@
-"""python -m bench list | run <technique> [options] | sweep-ditcache [options] | report [--readme]"""
+"""python -m bench list | run <technique> [options] | sweep-ditcache [options] | offload [options] | report [--readme]"""
 from __future__ import annotations
 
 import argparse
@@ -61,6 +61,19 @@ def main(argv: list[str] | None = None) -> int:
     sweep.add_argument("--budget", type=_positive, default=4, help="configurations each search samples")
     sweep.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     sweep.add_argument("--out", type=Path, default=None)
+    off = sub.add_parser("offload", help="group offload against the resident model and ComfyUI's low-VRAM "
+                         "mode at the same budgets; H2D bandwidth and the physical floor")
+    off.add_argument("--model", default="sd15", choices=sorted(factory.FAMILIES))
+    off.add_argument("--size", default="tiny", choices=factory.SIZES)
+    off.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    off.add_argument("--steps", type=_positive, default=4)
+    off.add_argument("--width", type=_positive, default=64)
+    off.add_argument("--height", type=_positive, default=64)
+    off.add_argument("--repeats", type=_positive, default=2)
+    off.add_argument("--budgets", default="0.25,0.5", help="fractions of the weights, comma-separated")
+    off.add_argument("--offload-type", default="block_level", choices=["block_level", "leaf_level"])
+    off.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    off.add_argument("--out", type=Path, default=None)
     report = sub.add_parser("report", help="turn bench/results/*.json into the README tables")
     report.add_argument("--readme", type=Path, default=None, help="rewrite the tables in this README")
     args = parser.parse_args(argv)
@@ -95,6 +108,15 @@ def main(argv: list[str] | None = None) -> int:
             reference_prompts=args.prompts))
         print(ditcache_sweep.summary(result))
         print(f"saved {ditcache_sweep.save(result, args.out)}")
+        return 0
+    if args.command == "offload":
+        from bench import offload_bench
+        result = offload_bench.run(offload_bench.OffloadSettings(
+            family=args.model, size=args.size, dtype=args.dtype, steps=args.steps, width=args.width,
+            height=args.height, repeats=args.repeats, device=args.device, offload_type=args.offload_type,
+            budgets=tuple(float(b) for b in args.budgets.split(","))))
+        print(offload_bench.summary(result))
+        print(f"saved {offload_bench.save(result, args.out)}")
         return 0
     from bench import runner
     settings = runner.RunSettings(

@@ -3,11 +3,13 @@ from comfy_api.latest import ComfyExtension, io
 
 from .deepcache import OptimDeepCache
 from .ditcache import OptimDiTCache, OptimDiTCacheConfig, OptimDiTCacheLoad, OptimDiTCacheSearch
+from .group_offload import OptimGroupOffload, OptimGroupOffloadCLIP, OptimGroupOffloadVAE
 from .noop import OptimNoop
 from .tgate import OptimTGate
 
 NODES: list[type[io.ComfyNode]] = [OptimNoop, OptimDeepCache, OptimTGate, OptimDiTCache, OptimDiTCacheSearch,
-                                   OptimDiTCacheLoad, OptimDiTCacheConfig]
+                                   OptimDiTCacheLoad, OptimDiTCacheConfig, OptimGroupOffload,
+                                   OptimGroupOffloadVAE, OptimGroupOffloadCLIP]
 
 
 class OptimExtension(ComfyExtension):
