@@ -2,12 +2,14 @@
 from comfy_api.latest import ComfyExtension, io
 
 from .deepcache import OptimDeepCache
+from .layerwise_cast import OptimLayerwiseCast, OptimLayerwiseCastCLIP
 from .ditcache import OptimDiTCache, OptimDiTCacheConfig, OptimDiTCacheLoad, OptimDiTCacheSearch
 from .noop import OptimNoop
 from .tgate import OptimTGate
 
 NODES: list[type[io.ComfyNode]] = [OptimNoop, OptimDeepCache, OptimTGate, OptimDiTCache, OptimDiTCacheSearch,
                                    OptimDiTCacheLoad, OptimDiTCacheConfig]
+NODES += [OptimLayerwiseCast, OptimLayerwiseCastCLIP]
 
 
 class OptimExtension(ComfyExtension):
