@@ -1,4 +1,4 @@
-"""python -m bench list | run <technique> [options] | sweep-ditcache [options] | report [--readme]"""
+"""python -m bench list | run <technique> [options] | sweep-ditcache [options] | layerwise [options] | report [--readme]"""
 from __future__ import annotations
 
 import argparse
@@ -59,6 +59,15 @@ def main(argv: list[str] | None = None) -> int:
     sweep.add_argument("--budget", type=_positive, default=4, help="configurations each search samples")
     sweep.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     sweep.add_argument("--out", type=Path, default=None)
+    layerwise = sub.add_parser("layerwise", help="layerwise fp8 casting: each skip preset against casting "
+                               "everything and ComfyUI's built-in fp8 load (fidelity, weight memory)")
+    layerwise.add_argument("--model", default="sd15", choices=sorted(factory.FAMILIES))
+    layerwise.add_argument("--size", default="full", choices=factory.SIZES)
+    layerwise.add_argument("--steps", type=_positive, default=6)
+    layerwise.add_argument("--cfg", type=float, default=7.0)
+    layerwise.add_argument("--width", type=_positive, default=256)
+    layerwise.add_argument("--height", type=_positive, default=256)
+    layerwise.add_argument("--out", type=Path, default=None)
     report = sub.add_parser("report", help="turn bench/results/*.json into the README tables")
     report.add_argument("--readme", type=Path, default=None, help="rewrite the tables in this README")
     args = parser.parse_args(argv)
@@ -80,11 +89,18 @@ def main(argv: list[str] | None = None) -> int:
         print(table)
         return 0
 
-    if args.device == "cuda":
+    if getattr(args, "device", "cpu") == "cuda":
         import torch
         if not torch.cuda.is_available():
             print("--device cuda: no CUDA device is available here", file=sys.stderr)
             return 2
+    if args.command == "layerwise":
+        from bench import layerwise_fidelity as lf
+        result = lf.run(lf.Settings(family=args.model, size=args.size, steps=args.steps, cfg=args.cfg,
+                                    width=args.width, height=args.height))
+        print(lf.summary(result))
+        print(f"saved {lf.save(result, args.out)}")
+        return 0
     if args.command == "sweep-ditcache":
         from bench import ditcache_sweep
         result = ditcache_sweep.run(ditcache_sweep.SweepSettings(

@@ -6,10 +6,11 @@ from .layerwise_cast import OptimLayerwiseCast, OptimLayerwiseCastCLIP
 from .ditcache import OptimDiTCache, OptimDiTCacheConfig, OptimDiTCacheLoad, OptimDiTCacheSearch
 from .noop import OptimNoop
 from .tgate import OptimTGate
+from .vae import OptimVAE
 
 NODES: list[type[io.ComfyNode]] = [OptimNoop, OptimDeepCache, OptimTGate, OptimDiTCache, OptimDiTCacheSearch,
                                    OptimDiTCacheLoad, OptimDiTCacheConfig]
-NODES += [OptimLayerwiseCast, OptimLayerwiseCastCLIP]
+NODES += [OptimLayerwiseCast, OptimLayerwiseCastCLIP, OptimVAE]
 
 
 class OptimExtension(ComfyExtension):

@@ -29,6 +29,11 @@ def _inputs(first):
         io.Combo.Input("skip_preset", options=list(lc.PRESETS), default="default", tooltip=_PRESET_TIP),
         io.String.Input("skip_modules_pattern", default="", tooltip=_PATTERN_TIP),
         io.String.Input("skip_modules_classes", default="", tooltip=_CLASSES_TIP),
+        io.Boolean.Input("per_channel_scale", default=True, optional=True,
+                         tooltip="Store each output channel scaled to fp8's full range (one fp32 "
+                                 "scale per channel, <1% memory): small weights keep their precision "
+                                 "instead of falling into fp8's subnormals. Off: a plain cast, as "
+                                 "ComfyUI's fp8 load does."),
     ]
 
 
@@ -69,13 +74,13 @@ class OptimLayerwiseCast(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, storage_dtype, compute_dtype, skip_preset, skip_modules_pattern,
-                        skip_modules_classes):
+                        skip_modules_classes, **_):
         return _validate(storage_dtype, compute_dtype, skip_preset, skip_modules_pattern,
                          skip_modules_classes)
 
     @classmethod
     def execute(cls, model, storage_dtype="float8_e4m3fn", compute_dtype="auto", skip_preset="default",
-                skip_modules_pattern="", skip_modules_classes="") -> io.NodeOutput:
+                skip_modules_pattern="", skip_modules_classes="", per_channel_scale=True) -> io.NodeOutput:
         problem = _validate(storage_dtype, compute_dtype, skip_preset, skip_modules_pattern,
                             skip_modules_classes)
         if problem is not True:
@@ -87,7 +92,8 @@ class OptimLayerwiseCast(io.ComfyNode):
                         "family's skip patterns", type(dm).__name__)
         patched = model.clone()
         plan = lc.attach(patched, _rules(family, skip_preset, skip_modules_pattern, skip_modules_classes),
-                         lc.STORAGE_DTYPES[storage_dtype], lc.COMPUTE_DTYPES[compute_dtype])
+                         lc.STORAGE_DTYPES[storage_dtype], lc.COMPUTE_DTYPES[compute_dtype],
+                         scaled=per_channel_scale)
         if not plan.names:
             log.warning("OptimLayerwiseCast: every layer of %s is skipped; nothing is stored in fp8",
                         type(dm).__name__)
@@ -111,13 +117,13 @@ class OptimLayerwiseCastCLIP(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, storage_dtype, compute_dtype, skip_preset, skip_modules_pattern,
-                        skip_modules_classes):
+                        skip_modules_classes, **_):
         return _validate(storage_dtype, compute_dtype, skip_preset, skip_modules_pattern,
                          skip_modules_classes)
 
     @classmethod
     def execute(cls, clip, storage_dtype="float8_e4m3fn", compute_dtype="auto", skip_preset="default",
-                skip_modules_pattern="", skip_modules_classes="") -> io.NodeOutput:
+                skip_modules_pattern="", skip_modules_classes="", per_channel_scale=True) -> io.NodeOutput:
         problem = _validate(storage_dtype, compute_dtype, skip_preset, skip_modules_pattern,
                             skip_modules_classes)
         if problem is not True:
@@ -125,6 +131,7 @@ class OptimLayerwiseCastCLIP(io.ComfyNode):
         patched = clip.clone()
         plan = lc.attach(patched.patcher, _rules("text", skip_preset, skip_modules_pattern,
                                                  skip_modules_classes),
-                         lc.STORAGE_DTYPES[storage_dtype], lc.COMPUTE_DTYPES[compute_dtype], root_attr=None)
+                         lc.STORAGE_DTYPES[storage_dtype], lc.COMPUTE_DTYPES[compute_dtype], root_attr=None,
+                         scaled=per_channel_scale)
         log.info("OptimLayerwiseCastCLIP: %s", plan.summary())
         return io.NodeOutput(patched)

@@ -160,7 +160,7 @@ class CastPlan:
                 "skipped_by_reason": by_reason, "saved_mb": round(self.saved_bytes / 2**20, 2)}
 
 
-def plan(root: torch.nn.Module, rules: SkipRules, storage_dtype: torch.dtype) -> CastPlan:
+def plan(root: torch.nn.Module, rules: SkipRules, storage_dtype: torch.dtype, scaled: bool = False) -> CastPlan:
     names, skipped, before, after = [], {}, 0, 0
     item = torch.empty((), dtype=storage_dtype).element_size()
     for name, module in root.named_modules():
@@ -173,11 +173,33 @@ def plan(root: torch.nn.Module, rules: SkipRules, storage_dtype: torch.dtype) ->
         w = module.weight
         names.append(name)
         before += w.numel() * w.element_size()
-        after += w.numel() * item
+        after += w.numel() * item + (w.shape[0] * 4 if scaled else 0)  # fp32 scale per output channel
     return CastPlan(names, skipped, before, after)
 
 
 _MISSING = object()
+
+
+class Rescale:
+    """A `weight_function` for ComfyUI's cast path: multiplies the upcast fp8 weight by its
+    per-output-channel scale (fp8 has few exponent steps below 1: small weights, stored unscaled,
+    fall into its subnormal range and lose most of their precision)."""
+
+    def __init__(self, scale: torch.Tensor):
+        self.scale = scale
+
+    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight * self.scale.to(device=weight.device, dtype=weight.dtype)
+
+
+def quantize(source: torch.Tensor, storage_dtype: torch.dtype, scaled: bool):
+    """(fp8 tensor, per-output-channel scale or None)."""
+    if not scaled:
+        return source.to(storage_dtype), None
+    src = source.float()
+    amax = src.abs().reshape(src.shape[0], -1).amax(dim=1).clamp_min(1e-12)
+    scale = (amax / torch.finfo(storage_dtype).max).reshape(-1, *([1] * (src.dim() - 1)))
+    return (src / scale).to(storage_dtype), scale
 
 
 @dataclass
@@ -195,6 +217,7 @@ class LayerwiseCast:
     root_attr: str | None                  # "diffusion_model" for MODEL; None: the patcher's model
     names: list[str]
     storage_dtype: torch.dtype
+    scaled: bool = True
     saved: list[_Saved] = field(default_factory=list)
     last_stats: dict | None = None
 
@@ -219,12 +242,12 @@ class LayerwiseCast:
                     source = w.to(torch.float32)
                     for f in functions:
                         source = f(source)
-                fp8 = torch.nn.Parameter(source.to(self.storage_dtype), requires_grad=False)
+                q, scale = quantize(source, self.storage_dtype, self.scaled)
+                fp8 = torch.nn.Parameter(q, requires_grad=False)
                 self.saved.append(_Saved(m, w, w.device, m.__dict__.get("weight_function", _MISSING),
                                          m.__dict__.get("comfy_cast_weights", _MISSING)))
                 m._parameters["weight"] = fp8
-                if functions:
-                    m.weight_function = []
+                m.weight_function = [Rescale(scale)] if scale is not None else []
                 m.comfy_cast_weights = True
                 if offload is not None and w.device != torch.device(offload):
                     # the original sat on the compute device: move it out, that is the saving
@@ -256,14 +279,14 @@ class LayerwiseCast:
 
 
 def attach(patcher, rules: SkipRules, storage_dtype: torch.dtype, compute_dtype: torch.dtype | None,
-           root_attr: str | None = "diffusion_model") -> CastPlan:
+           root_attr: str | None = "diffusion_model", scaled: bool = True) -> CastPlan:
     """Install layerwise casting on `patcher` (a clone the caller owns); returns the plan."""
     from comfy.patcher_extension import PatcherInjection
     if patcher.get_injections(INJECTION_KEY):
         raise ValueError("layerwise casting is already applied to this model")
     root = getattr(patcher.model, root_attr) if root_attr else patcher.model
-    the_plan = plan(root, rules, storage_dtype)
-    state = LayerwiseCast(root_attr, the_plan.names, storage_dtype)
+    the_plan = plan(root, rules, storage_dtype, scaled)
+    state = LayerwiseCast(root_attr, the_plan.names, storage_dtype, scaled)
     patcher.set_injections(INJECTION_KEY, [PatcherInjection(inject=state.inject, eject=state.eject)])
     if compute_dtype is not None:
         patcher.set_model_compute_dtype(compute_dtype)  # ComfyUI's own: manual_cast_dtype + cast ops
