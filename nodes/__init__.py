@@ -5,12 +5,13 @@ from .deepcache import OptimDeepCache
 from .layerwise_cast import OptimLayerwiseCast, OptimLayerwiseCastCLIP
 from .ditcache import OptimDiTCache, OptimDiTCacheConfig, OptimDiTCacheLoad, OptimDiTCacheSearch
 from .noop import OptimNoop
+from .speed import OptimAttentionBackend, OptimChannelsLast
 from .tgate import OptimTGate
 from .vae import OptimVAE
 
 NODES: list[type[io.ComfyNode]] = [OptimNoop, OptimDeepCache, OptimTGate, OptimDiTCache, OptimDiTCacheSearch,
                                    OptimDiTCacheLoad, OptimDiTCacheConfig]
-NODES += [OptimLayerwiseCast, OptimLayerwiseCastCLIP, OptimVAE]
+NODES += [OptimLayerwiseCast, OptimLayerwiseCastCLIP, OptimVAE, OptimAttentionBackend, OptimChannelsLast]
 
 
 class OptimExtension(ComfyExtension):

@@ -19,9 +19,11 @@ by measurement: see bench/layerwise_fidelity.py), a user regex and user class na
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
+
+from . import weight_swap
 
 STORAGE_DTYPES = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
 COMPUTE_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -177,9 +179,6 @@ def plan(root: torch.nn.Module, rules: SkipRules, storage_dtype: torch.dtype, sc
     return CastPlan(names, skipped, before, after)
 
 
-_MISSING = object()
-
-
 class Rescale:
     """A `weight_function` for ComfyUI's cast path: multiplies the upcast fp8 weight by its
     per-output-channel scale (fp8 has few exponent steps below 1: small weights, stored unscaled,
@@ -203,33 +202,22 @@ def quantize(source: torch.Tensor, storage_dtype: torch.dtype, scaled: bool):
 
 
 @dataclass
-class _Saved:
-    module: torch.nn.Module
-    weight: torch.nn.Parameter
-    weight_device: torch.device
-    weight_function: object
-    comfy_cast_weights: object
-
-
-@dataclass
 class LayerwiseCast:
-    """The injection's state: what is cast, and what to put back."""
+    """The injection's state: what is cast (layers are swapped through `weight_swap`)."""
     root_attr: str | None                  # "diffusion_model" for MODEL; None: the patcher's model
     names: list[str]
     storage_dtype: torch.dtype
     scaled: bool = True
-    saved: list[_Saved] = field(default_factory=list)
     last_stats: dict | None = None
+    _freed: int = 0
 
     def root(self, patcher) -> torch.nn.Module:
         return getattr(patcher.model, self.root_attr) if self.root_attr else patcher.model
 
     def inject(self, patcher) -> None:
-        if self.saved:  # already in place (ComfyUI never injects twice, but be safe)
-            return
         modules = dict(self.root(patcher).named_modules())
         offload = patcher.offload_device
-        freed = 0
+        freed, cast = 0, 0
         with torch.no_grad():
             for name in self.names:
                 m = modules.get(name)
@@ -244,38 +232,23 @@ class LayerwiseCast:
                         source = f(source)
                 q, scale = quantize(source, self.storage_dtype, self.scaled)
                 fp8 = torch.nn.Parameter(q, requires_grad=False)
-                self.saved.append(_Saved(m, w, w.device, m.__dict__.get("weight_function", _MISSING),
-                                         m.__dict__.get("comfy_cast_weights", _MISSING)))
-                m._parameters["weight"] = fp8
-                m.weight_function = [Rescale(scale)] if scale is not None else []
-                m.comfy_cast_weights = True
-                if offload is not None and w.device != torch.device(offload):
-                    # the original sat on the compute device: move it out, that is the saving
-                    w.data = w.data.to(offload)
+                on_accelerator = offload is not None and w.device != torch.device(offload)
+                weight_swap.swap(patcher.model, m, fp8, offload_device=offload if on_accelerator else None,
+                                 weight_function=[Rescale(scale)] if scale is not None else [],
+                                 comfy_cast_weights=True)
+                cast += 1
+                if on_accelerator:
                     freed += w.numel() * w.element_size() - fp8.numel() * fp8.element_size()
         self._freed = freed
         if freed and hasattr(patcher.model, "model_loaded_weight_memory"):
             patcher.model.model_loaded_weight_memory -= freed
-        self.last_stats = {"cast_layers": len(self.saved)}
+        self.last_stats = {"cast_layers": cast}
 
     def eject(self, patcher) -> None:
-        with torch.no_grad():
-            for s in reversed(self.saved):
-                fp8 = s.module._parameters["weight"]
-                if s.weight.device != s.weight_device:
-                    s.weight.data = s.weight.data.to(s.weight_device)
-                s.module._parameters["weight"] = s.weight
-                for attr, value in (("weight_function", s.weight_function),
-                                    ("comfy_cast_weights", s.comfy_cast_weights)):
-                    if value is _MISSING:
-                        s.module.__dict__.pop(attr, None)
-                    else:
-                        setattr(s.module, attr, value)
-                del fp8
-        if getattr(self, "_freed", 0) and hasattr(patcher.model, "model_loaded_weight_memory"):
+        weight_swap.restore_all(patcher.model)
+        if self._freed and hasattr(patcher.model, "model_loaded_weight_memory"):
             patcher.model.model_loaded_weight_memory += self._freed
         self._freed = 0
-        self.saved = []
 
 
 def attach(patcher, rules: SkipRules, storage_dtype: torch.dtype, compute_dtype: torch.dtype | None,

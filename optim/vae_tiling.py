@@ -78,7 +78,7 @@ def tiled(x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], grid_hw: 
     for iy, (y0, y1) in enumerate(ys):
         wy = feather(ys, iy, out_scale)
         for ix, (x0, x1) in enumerate(xs):
-            part = fn(x[..., y0 * in_scale:y1 * in_scale, x0 * in_scale:x1 * in_scale])
+            part = fn(x[..., y0 * in_scale:y1 * in_scale, x0 * in_scale:x1 * in_scale].contiguous())
             part = part.to(output_device if output_device is not None else part.device, torch.float32)
             if part.shape[-2:] != ((y1 - y0) * out_scale, (x1 - x0) * out_scale):
                 raise ValueError(f"tile output {tuple(part.shape[-2:])} does not match the scale "

@@ -63,19 +63,20 @@ def test_weights_are_fp8_during_sampling_and_restored_after(node, unet):
     assert torch.equal(sample(patched), out)  # and the patched branch again, deterministically
 
 
-def test_e5m2_and_the_skip_presets_order_fidelity(node, unet):
+def test_scaling_and_e4m3_beat_a_plain_cast_and_e5m2(node, unet):
     ref = sample(unet)
-    scores = {preset: psnr(ref, sample(apply(node, unet, skip_preset=preset)))
-              for preset in ("default", "none (cast everything)")}
+    scaled = psnr(ref, sample(apply(node, unet)))
+    plain = psnr(ref, sample(apply(node, unet, per_channel_scale=False)))
     e5m2 = psnr(ref, sample(apply(node, unet, storage_dtype="float8_e5m2")))
-    assert scores["default"] > scores["none (cast everything)"]
-    assert scores["default"] > e5m2
+    assert scaled > plain and scaled > e5m2
 
 
 def test_size_accounting_counts_fp8_bytes(node, unet):
     patched = apply(node, unet)
     plan = patched.layerwise_cast_plan
-    assert plan.bytes_after * 4 == plan.bytes_before
+    scales = sum(dm_layer.weight.shape[0] * 4 for dm_layer in
+                 (unet.model.diffusion_model.get_submodule(n) for n in plan.names))
+    assert plan.bytes_after * 4 == plan.bytes_before + 4 * scales   # 1 byte a weight + an fp32 scale a channel
     assert patched.model_size() == unet.model_size() - plan.saved_bytes
     assert unet.model_size() == unet.model_size()  # the base patcher's accounting is untouched
 
@@ -162,3 +163,22 @@ def test_flux_family_defaults(node, comfy_nodes):
     out = factory.sample(apply(node, flux), "flux", **args)
     assert torch.isfinite(out).all() and psnr(ref, out) > 20
     assert torch.equal(factory.sample(flux, "flux", **args), ref)
+
+
+def test_clip_variant_casts_the_text_encoder_on_its_clone_only(comfy_nodes):
+    import comfy.sd
+    import comfy.sd1_clip
+    from comfy.supported_models_base import ClipTarget
+    clip = comfy.sd.CLIP(target=ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel))
+    factory.fill_module(clip.cond_stage_model, 0)   # generated weights (CLIP-L layout)
+    tokens = clip.tokenize("a lighthouse on a cliff")
+    with torch.inference_mode():
+        ref = clip.encode_from_tokens(tokens)
+        cast_node = comfy_nodes.NODE_CLASS_MAPPINGS["OptimLayerwiseCastCLIP"]
+        cast = cast_node.execute(clip=clip).result[0]
+        plan = cast.patcher.layerwise_cast_plan
+        assert any(n.endswith("mlp.fc1") for n in plan.names)
+        assert all(plan.skipped.get(n) for n in plan.skipped if "embedding" in n)
+        out = cast.encode_from_tokens(tokens)
+        assert not torch.equal(out, ref) and psnr(ref, out) > 25
+        assert torch.equal(clip.encode_from_tokens(tokens), ref)
