@@ -13,8 +13,8 @@ _DTYPE_TIP = ("Dtype the cast layers' weights are stored in. e4m3fn keeps more m
 _COMPUTE_TIP = ("Dtype the layers compute in: auto keeps the model's own compute dtype; bf16/fp16 "
                 "switch the whole model to it (ComfyUI's manual cast).")
 _PRESET_TIP = ("Which layers stay in high precision. default: norms, embedders (img_in/txt_in/"
-               "time_in/vector_in, time/label embeddings, conv_in), modulation (adaLN, *_mod, UNet "
-               "emb_layers) and final layers of the model's family; chosen by measurement (README).")
+               "time_in/vector_in, time/label embeddings, conv_in), modulation (adaLN, *_mod; "
+               "none on UNets) and final layers of the model's family (README: how they were measured).")
 _PATTERN_TIP = "Extra layers to keep in high precision: a regular expression searched in layer names."
 _CLASSES_TIP = "Extra layer classes to keep in high precision, comma-separated (e.g. Conv2d, Linear)."
 

@@ -93,7 +93,7 @@ def test_skip_rules_per_family_and_user_inputs(node, unet):
     plan = lc.plan(dm, rules, torch.float8_e4m3fn)
     assert plan.skipped["time_embed.0"] == "embedders" and plan.skipped["input_blocks.0.0"] == "embedders"
     assert plan.skipped["out.2"] == "final" and plan.skipped["out.0"] == "norms"
-    assert plan.skipped["input_blocks.1.0.emb_layers.1"] == "modulation"
+    assert "input_blocks.1.0.emb_layers.1" in plan.names   # measured: not worth keeping on UNets
     assert LINEAR in plan.names and CONV in plan.names
     everything = lc.plan(dm, lc.SkipRules(family="unet", groups=()), torch.float8_e4m3fn)
     assert "out.0" in everything.names and "time_embed.0" in everything.names
