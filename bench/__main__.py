@@ -1,4 +1,4 @@
-"""python -m bench list | run <technique> [options] | sweep-ditcache [options] | offload [options] | report [--readme]"""
+"""python -m bench list | run <technique> [options] | sweep-ditcache [options] | reference [techniques] | offload [options] | layerwise [options] | vae [options] | report [--readme]"""
 from __future__ import annotations
 
 import argparse
@@ -74,6 +74,25 @@ def main(argv: list[str] | None = None) -> int:
     off.add_argument("--offload-type", default="block_level", choices=["block_level", "leaf_level"])
     off.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     off.add_argument("--out", type=Path, default=None)
+    layerwise = sub.add_parser("layerwise", help="layerwise fp8 casting: each skip preset against casting "
+                               "everything and ComfyUI's built-in fp8 load (fidelity, weight memory)")
+    layerwise.add_argument("--model", default="sd15", choices=sorted(factory.FAMILIES))
+    layerwise.add_argument("--size", default="full", choices=factory.SIZES)
+    layerwise.add_argument("--steps", type=_positive, default=6)
+    layerwise.add_argument("--cfg", type=float, default=7.0)
+    layerwise.add_argument("--width", type=_positive, default=256)
+    layerwise.add_argument("--height", type=_positive, default=256)
+    layerwise.add_argument("--all-arms", action="store_true", help="every skip-group ablation, not the quick set")
+    layerwise.add_argument("--out", type=Path, default=None)
+    vae = sub.add_parser("vae", help="OptimVAE against VAE Decode and VAE Decode/Encode (Tiled) on the SD VAE "
+                         "at real size: speed, fidelity, seams, peak memory")
+    vae.add_argument("--size", type=_positive, default=512)
+    vae.add_argument("--tile", type=_positive, default=256)
+    vae.add_argument("--overlap", type=int, default=64)
+    vae.add_argument("--repeats", type=_positive, default=2)
+    vae.add_argument("--memory-size", type=int, default=1024, help="image side of the peak-memory run; 0: skip")
+    vae.add_argument("--no-video", action="store_true")
+    vae.add_argument("--out", type=Path, default=None)
     report = sub.add_parser("report", help="turn bench/results/*.json into the README tables")
     report.add_argument("--readme", type=Path, default=None, help="rewrite the tables in this README")
     args = parser.parse_args(argv)
@@ -95,11 +114,26 @@ def main(argv: list[str] | None = None) -> int:
         print(table)
         return 0
 
-    if args.device == "cuda":
+    if getattr(args, "device", "cpu") == "cuda":
         import torch
         if not torch.cuda.is_available():
             print("--device cuda: no CUDA device is available here", file=sys.stderr)
             return 2
+    if args.command == "vae":
+        from bench import vae_bench
+        result = vae_bench.run(vae_bench.Settings(size=args.size, tile=args.tile, overlap=args.overlap,
+                                                  repeats=args.repeats, memory_size=args.memory_size,
+                                                  video=not args.no_video))
+        print(vae_bench.summary(result))
+        print(f"saved {vae_bench.save(result, args.out)}")
+        return 0
+    if args.command == "layerwise":
+        from bench import layerwise_fidelity as lf
+        result = lf.run(lf.Settings(family=args.model, size=args.size, steps=args.steps, cfg=args.cfg,
+                                    width=args.width, height=args.height, all_arms=args.all_arms))
+        print(lf.summary(result))
+        print(f"saved {lf.save(result, args.out)}")
+        return 0
     if args.command == "sweep-ditcache":
         from bench import ditcache_sweep
         result = ditcache_sweep.run(ditcache_sweep.SweepSettings(

@@ -19,6 +19,8 @@ DIT_FAMILIES = ("flux", "chroma", "wan21", "wan22_5b", "sd3", "hunyuan_video", "
                 "mochi", "auraflow", "hunyuan_dit", "hidream", "lumina2", "cosmos_predict2")
 DITCACHE = {"mode": "fixed", "cache_block_start": 1, "cache_num_blocks": -1, "cache_step_start": 2,
             "cache_step_interval": 2, "threshold": 0.15, "max_consecutive": 3, "force": False}
+LAYERWISE = {"storage_dtype": "float8_e4m3fn", "compute_dtype": "auto", "skip_preset": "default",
+             "skip_modules_pattern": "", "skip_modules_classes": "", "per_channel_scale": True}
 BUILTIN_CACHE = {"reuse_threshold": 0.2, "start_percent": 0.15, "end_percent": 0.95, "verbose": False}
 
 
@@ -65,6 +67,15 @@ TECHNIQUES: dict[str, Technique] = {t.name: t for t in [
               (("EasyCache", BUILTIN_CACHE),), DIT_FAMILIES),
     Technique("lazycache", "ComfyUI's built-in LazyCache, reuse_threshold 0.2 (for comparison)",
               (("LazyCache", BUILTIN_CACHE),), DIT_FAMILIES),
+    Technique("layerwise_fp8", "fp8 e4m3fn weight storage, per-channel scales, family skip list (default preset)",
+              (("OptimLayerwiseCast", LAYERWISE),)),
+    Technique("layerwise_fp8_all", "fp8 e4m3fn weight storage of every layer, unscaled (like ComfyUI's fp8 load)",
+              (("OptimLayerwiseCast", {**LAYERWISE, "skip_preset": "none (cast everything)",
+                                       "per_channel_scale": False}),)),
+    Technique("channels_last", "UNet convolutions in channels_last (NHWC) layout", (("OptimChannelsLast", {}),),
+              DEEPCACHE_FAMILIES),
+    Technique("attention_sub_quad", "attention routed to ComfyUI's sub-quadratic kernel (vs the start-up SDPA)",
+              (("OptimAttentionBackend", {"backend": "sub_quadratic"}),)),
 ]}
 
 

@@ -4,12 +4,16 @@ from comfy_api.latest import ComfyExtension, io
 from .deepcache import OptimDeepCache
 from .ditcache import OptimDiTCache, OptimDiTCacheConfig, OptimDiTCacheLoad, OptimDiTCacheSearch
 from .group_offload import OptimGroupOffload, OptimGroupOffloadCLIP, OptimGroupOffloadVAE
+from .layerwise_cast import OptimLayerwiseCast, OptimLayerwiseCastCLIP
 from .noop import OptimNoop
+from .speed import OptimAttentionBackend, OptimChannelsLast
 from .tgate import OptimTGate
+from .vae import OptimVAE
 
-NODES: list[type[io.ComfyNode]] = [OptimNoop, OptimDeepCache, OptimTGate, OptimDiTCache, OptimDiTCacheSearch,
-                                   OptimDiTCacheLoad, OptimDiTCacheConfig, OptimGroupOffload,
-                                   OptimGroupOffloadVAE, OptimGroupOffloadCLIP]
+NODES: list[type[io.ComfyNode]] = [
+    OptimNoop, OptimDeepCache, OptimTGate, OptimDiTCache, OptimDiTCacheSearch, OptimDiTCacheLoad, OptimDiTCacheConfig,
+    OptimGroupOffload, OptimGroupOffloadVAE, OptimGroupOffloadCLIP,
+    OptimLayerwiseCast, OptimLayerwiseCastCLIP, OptimVAE, OptimAttentionBackend, OptimChannelsLast]
 
 
 class OptimExtension(ComfyExtension):

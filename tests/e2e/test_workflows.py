@@ -45,6 +45,8 @@ def test_there_is_a_workflow_for_each_technique_node():
     used = {n["class_type"] for api in wf.api_workflows().values() for n in api.values()}
     assert {"OptimDeepCache", "OptimTGate", "OptimDiTCache", "OptimDiTCacheSearch", "OptimDiTCacheLoad",
             "OptimDiTCacheConfig"} <= used
+    assert {"OptimLayerwiseCast", "OptimLayerwiseCastCLIP", "OptimVAE", "OptimAttentionBackend",
+            "OptimChannelsLast"} <= used
     assert set(NAMES) <= set(wf.notes())
     assert "OptimGroupOffload" in used
 

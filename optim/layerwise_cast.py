@@ -1,0 +1,271 @@
+"""Layerwise casting: store the weights of chosen layers in fp8, compute in a higher precision.
+
+Built on ComfyUI's own per-layer cast path: every ComfyUI op (`comfy.ops` Linear, Conv, ...) with
+`comfy_cast_weights` set casts its weight to the input's dtype at each forward
+(`comfy.ops.cast_bias_weight`). The cast is installed as a `PatcherInjection` on one clone:
+
+- inject runs after ComfyUI has loaded the model and applied LoRA patches, so the fp8 copy is made
+  from the patched weight (in lowvram mode the LoRA still pending in `weight_function` is folded
+  in first);
+- each targeted layer gets a new fp8 `Parameter` in place of its weight (the original Parameter is
+  kept aside, and moved to the offload device when it sat on another one, which frees it there);
+- eject (before ComfyUI moves, re-patches or unloads the weights) puts the original Parameters and
+  flags back, so other clones and later prompts see the original weights.
+
+Which layers stay in high precision is decided by skip rules: layer classes that have no safe fp8
+path (norms, embeddings), per-family default groups (embedders, modulation, final layers, chosen
+by measurement: see bench/layerwise_fidelity.py), a user regex and user class names.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from . import weight_swap
+
+STORAGE_DTYPES = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
+COMPUTE_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+INJECTION_KEY = "comfyui-optim.layerwise_cast"
+
+# Classes whose fp8 weight ComfyUI's ops cannot use (an fp8 Embedding returns fp8 activations)
+ALWAYS_SKIP_CLASSES = ("Embedding",)
+NORM_CLASS = re.compile(r"norm", re.IGNORECASE)
+
+# Per-family skip groups: regexes searched in layer names relative to the diffusion model (or,
+# for text encoders, the CLIP model). "norms" is matched on the class name, not here.
+FAMILY_GROUPS: dict[str, dict[str, tuple[str, ...]]] = {
+    "unet": {  # SD1.x / SD2.x / SDXL / SVD UNetModel
+        "embedders": (r"^time_embed\.", r"^label_emb\.", r"^input_blocks\.0\.0$"),
+        # measured (bench/results/layerwise_cast-sd15-tiny-cpu.json): keeping the resblocks' emb_layers
+        # costs +19% memory for no fidelity gain on UNets, so they are cast
+        "modulation": (),
+        "final": (r"^out\.",),
+    },
+    "flux": {  # Flux, Chroma, HunyuanVideo, Qwen-Image (double/single stream DiTs)
+        "embedders": (r"^(img_in|txt_in|time_in|vector_in|guidance_in|time_text_embed|txt_norm)\b",
+                      r"^distilled_guidance_layer\."),
+        "modulation": (r"_mod\.", r"\bmodulation\b", r"^norm_out\.", r"\badaLN"),
+        "final": (r"^final_layer\.", r"^proj_out$"),
+    },
+    "mmdit": {  # SD3 / SD3.5 MMDiT, PixArt, AuraFlow, HunyuanDiT
+        "embedders": (r"^(x_embedder|t_embedder|y_embedder|context_embedder|pos_embed|t_block|"
+                      r"register_tokens|cond_seq_linear|init_x_linear)\b",),
+        "modulation": (r"adaLN_modulation", r"\bmodF?\b", r"\bmodX\b"),
+        "final": (r"^final_layer\.", r"^final_linear\."),
+    },
+    "wan": {  # Wan 2.1 / 2.2
+        "embedders": (r"^(patch_embedding|text_embedding|time_embedding|time_projection|img_emb)\b",),
+        "modulation": (),
+        "final": (r"^head\.",),
+    },
+    "text": {  # CLIP / T5 text encoders
+        "embedders": (r"embed",),
+        "modulation": (),
+        "final": (r"text_projection", r"final_layer_norm"),
+    },
+}
+# A family we do not know gets every family's patterns (a superset keeps more in high precision)
+FAMILY_GROUPS["generic"] = {
+    group: tuple(sorted({p for fam in FAMILY_GROUPS.values() for p in fam.get(group, ())}))
+    for group in ("embedders", "modulation", "final")}
+
+GROUPS = ("norms", "embedders", "modulation", "final")
+# Presets offered by the node. "default" is the measured choice (see README: Layerwise casting).
+PRESETS: dict[str, tuple[str, ...]] = {
+    "default": ("norms", "embedders", "modulation", "final"),
+    "norms+embedders+final": ("norms", "embedders", "final"),
+    "norms only": ("norms",),
+    "none (cast everything)": (),
+}
+
+_FAMILY_OF_CLASS = {
+    "UNetModel": "unet", "VideoUNetModel": "unet",
+    "Flux": "flux", "Chroma": "flux", "HunyuanVideo": "flux", "QwenImageTransformer2DModel": "flux",
+    "ChromaRadiance": "flux",
+    "OpenAISignatureMMDITWrapper": "mmdit", "MMDiT": "mmdit", "PixArtMS": "mmdit", "PixArt": "mmdit",
+    "MMDiT_AuraFlow": "mmdit", "HunYuanDiT": "mmdit",
+    "WanModel": "wan", "VaceWanModel": "wan", "CameraWanModel": "wan", "WanModel_S2V": "wan",
+}
+
+
+def family_of(module: torch.nn.Module) -> str:
+    return _FAMILY_OF_CLASS.get(type(module).__name__, "generic")
+
+
+def compile_pattern(pattern: str) -> re.Pattern | None:
+    """The user's regex, or None when empty; ValueError with the regex's own message if invalid."""
+    if not pattern or not pattern.strip():
+        return None
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"skip_modules_pattern is not a valid regular expression: {e}") from None
+
+
+def parse_classes(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in (text or "").replace(";", ",").split(",") if n.strip())
+    bad = [n for n in names if not n.isidentifier()]
+    if bad:
+        raise ValueError(f"skip_modules_classes must be comma-separated class names; not a name: {bad}")
+    return names
+
+
+@dataclass(frozen=True)
+class SkipRules:
+    family: str = "generic"
+    groups: tuple[str, ...] = PRESETS["default"]
+    pattern: re.Pattern | None = None
+    classes: tuple[str, ...] = ()
+
+    def reason(self, name: str, module: torch.nn.Module) -> str | None:
+        """Why `module` (named `name`) stays in high precision, or None if it is cast."""
+        cls = type(module).__name__
+        bases = {c.__name__ for c in type(module).__mro__}
+        if bases & set(ALWAYS_SKIP_CLASSES):
+            return "class has no fp8 path"
+        if "norms" in self.groups and any(NORM_CLASS.search(b) for b in bases if b != "Module"):
+            return "norms"
+        for group in self.groups:
+            for pat in FAMILY_GROUPS[self.family].get(group, ()):
+                if re.search(pat, name):
+                    return group
+        if self.pattern is not None and self.pattern.search(name):
+            return "skip_modules_pattern"
+        if bases & set(self.classes) or cls in self.classes:
+            return "skip_modules_classes"
+        return None
+
+
+def castable(module: torch.nn.Module) -> bool:
+    """A ComfyUI op layer with a floating-point weight of its own."""
+    w = module._parameters.get("weight") if hasattr(module, "_parameters") else None
+    return (hasattr(module, "comfy_cast_weights") and w is not None and w.is_floating_point()
+            and w.dtype not in STORAGE_DTYPES.values())
+
+
+@dataclass
+class CastPlan:
+    names: list[str]                       # layers whose weight is stored in fp8
+    skipped: dict[str, str]                # layer -> reason it stays in high precision
+    bytes_before: int                      # weight bytes of the cast layers at their current dtype
+    bytes_after: int                       # the same weights in fp8
+
+    @property
+    def saved_bytes(self) -> int:
+        return self.bytes_before - self.bytes_after
+
+    def summary(self) -> dict:
+        by_reason: dict[str, int] = {}
+        for reason in self.skipped.values():
+            by_reason[reason] = by_reason.get(reason, 0) + 1
+        return {"cast_layers": len(self.names), "skipped_layers": len(self.skipped),
+                "skipped_by_reason": by_reason, "saved_mb": round(self.saved_bytes / 2**20, 2)}
+
+
+def plan(root: torch.nn.Module, rules: SkipRules, storage_dtype: torch.dtype, scaled: bool = False) -> CastPlan:
+    names, skipped, before, after = [], {}, 0, 0
+    item = torch.empty((), dtype=storage_dtype).element_size()
+    for name, module in root.named_modules():
+        if not castable(module):
+            continue
+        why = rules.reason(name, module)
+        if why is not None:
+            skipped[name] = why
+            continue
+        w = module.weight
+        names.append(name)
+        before += w.numel() * w.element_size()
+        after += w.numel() * item + (w.shape[0] * 4 if scaled else 0)  # fp32 scale per output channel
+    return CastPlan(names, skipped, before, after)
+
+
+class Rescale:
+    """A `weight_function` for ComfyUI's cast path: multiplies the upcast fp8 weight by its
+    per-output-channel scale (fp8 has few exponent steps below 1: small weights, stored unscaled,
+    fall into its subnormal range and lose most of their precision)."""
+
+    def __init__(self, scale: torch.Tensor):
+        self.scale = scale
+
+    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight * self.scale.to(device=weight.device, dtype=weight.dtype)
+
+
+def quantize(source: torch.Tensor, storage_dtype: torch.dtype, scaled: bool):
+    """(fp8 tensor, per-output-channel scale or None)."""
+    if not scaled:
+        return source.to(storage_dtype), None
+    src = source.float()
+    amax = src.abs().reshape(src.shape[0], -1).amax(dim=1).clamp_min(1e-12)
+    scale = (amax / torch.finfo(storage_dtype).max).reshape(-1, *([1] * (src.dim() - 1)))
+    return (src / scale).to(storage_dtype), scale
+
+
+@dataclass
+class LayerwiseCast:
+    """The injection's state: what is cast (layers are swapped through `weight_swap`)."""
+    root_attr: str | None                  # "diffusion_model" for MODEL; None: the patcher's model
+    names: list[str]
+    storage_dtype: torch.dtype
+    scaled: bool = True
+    last_stats: dict | None = None
+    _freed: int = 0
+
+    def root(self, patcher) -> torch.nn.Module:
+        return getattr(patcher.model, self.root_attr) if self.root_attr else patcher.model
+
+    def inject(self, patcher) -> None:
+        modules = dict(self.root(patcher).named_modules())
+        offload = patcher.offload_device
+        freed, cast = 0, 0
+        with torch.no_grad():
+            for name in self.names:
+                m = modules.get(name)
+                if m is None or not castable(m):
+                    continue  # another patch replaced the layer: leave it as it is
+                w = m.weight
+                source = w
+                functions = list(m.weight_function) if m.weight_function else []
+                if functions:  # lowvram: LoRA still pending; fold it in so fp8 holds the patched weight
+                    source = w.to(torch.float32)
+                    for f in functions:
+                        source = f(source)
+                q, scale = quantize(source, self.storage_dtype, self.scaled)
+                fp8 = torch.nn.Parameter(q, requires_grad=False)
+                on_accelerator = offload is not None and w.device != torch.device(offload)
+                weight_swap.swap(patcher.model, m, fp8, offload_device=offload if on_accelerator else None,
+                                 weight_function=[Rescale(scale)] if scale is not None else [],
+                                 comfy_cast_weights=True)
+                cast += 1
+                if on_accelerator:
+                    freed += w.numel() * w.element_size() - fp8.numel() * fp8.element_size()
+        self._freed = freed
+        if freed and hasattr(patcher.model, "model_loaded_weight_memory"):
+            patcher.model.model_loaded_weight_memory -= freed
+        self.last_stats = {"cast_layers": cast}
+
+    def eject(self, patcher) -> None:
+        weight_swap.restore_all(patcher.model)
+        if self._freed and hasattr(patcher.model, "model_loaded_weight_memory"):
+            patcher.model.model_loaded_weight_memory += self._freed
+        self._freed = 0
+
+
+def attach(patcher, rules: SkipRules, storage_dtype: torch.dtype, compute_dtype: torch.dtype | None,
+           root_attr: str | None = "diffusion_model", scaled: bool = True) -> CastPlan:
+    """Install layerwise casting on `patcher` (a clone the caller owns); returns the plan."""
+    from comfy.patcher_extension import PatcherInjection
+    if patcher.get_injections(INJECTION_KEY):
+        raise ValueError("layerwise casting is already applied to this model")
+    root = getattr(patcher.model, root_attr) if root_attr else patcher.model
+    the_plan = plan(root, rules, storage_dtype, scaled)
+    state = LayerwiseCast(root_attr, the_plan.names, storage_dtype, scaled)
+    patcher.set_injections(INJECTION_KEY, [PatcherInjection(inject=state.inject, eject=state.eject)])
+    if compute_dtype is not None:
+        patcher.set_model_compute_dtype(compute_dtype)  # ComfyUI's own: manual_cast_dtype + cast ops
+    # ComfyUI budgets loads with patcher.size (cached): make it the fp8 size
+    patcher.size = max(1, patcher.model_size() - the_plan.saved_bytes)
+    patcher.layerwise_cast_plan = the_plan
+    return the_plan
