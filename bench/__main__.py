@@ -1,4 +1,4 @@
-"""python -m bench list | run <technique> [options] | sweep-ditcache [options] | report [--readme]"""
+"""python -m bench list | run <technique> [options] | sweep-ditcache [options] | reference [techniques] | report [--readme]"""
 from __future__ import annotations
 
 import argparse
@@ -59,6 +59,14 @@ def main(argv: list[str] | None = None) -> int:
     sweep.add_argument("--budget", type=_positive, default=4, help="configurations each search samples")
     sweep.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     sweep.add_argument("--out", type=Path, default=None)
+    ref = sub.add_parser("reference", help="caching techniques on the trained reference DiT: speedup, "
+                         "prompt adherence, PSNR, SSIM (bench/reference/bench.py)")
+    ref.add_argument("techniques", nargs="*", default=None, help="default: noop, ditcache_wide, "
+                     "ditcache_adaptive_wide, easycache, lazycache")
+    ref.add_argument("--prompts", type=_positive, default=24, help="first N of the fixed prompt set")
+    ref.add_argument("--steps", type=_positive, default=20)
+    ref.add_argument("--repeats", type=_positive, default=1, help="timed runs per prompt (the fastest counts)")
+    ref.add_argument("--out", type=Path, default=None)
     report = sub.add_parser("report", help="turn bench/results/*.json into the README tables")
     report.add_argument("--readme", type=Path, default=None, help="rewrite the tables in this README")
     args = parser.parse_args(argv)
@@ -80,11 +88,22 @@ def main(argv: list[str] | None = None) -> int:
         print(table)
         return 0
 
-    if args.device == "cuda":
+    if getattr(args, "device", "cpu") == "cuda":
         import torch
         if not torch.cuda.is_available():
             print("--device cuda: no CUDA device is available here", file=sys.stderr)
             return 2
+    if args.command == "reference":
+        from bench.reference import bench as ref_bench
+        names = args.techniques or ref_bench.DEFAULT_TECHNIQUES
+        unknown = [n for n in names if n not in techniques.TECHNIQUES]
+        if unknown:
+            print(f"unknown technique(s) {unknown}; known: {', '.join(techniques.TECHNIQUES)}", file=sys.stderr)
+            return 2
+        result = ref_bench.run(names, prompts=args.prompts, steps=args.steps, repeats=args.repeats)
+        print(ref_bench.summary(result))
+        print(f"saved {ref_bench.save(result, args.out)}")
+        return 0
     if args.command == "sweep-ditcache":
         from bench import ditcache_sweep
         result = ditcache_sweep.run(ditcache_sweep.SweepSettings(

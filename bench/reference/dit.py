@@ -186,5 +186,14 @@ def stage_dit(args, log) -> dict:
             _save_fp16(sd, WEIGHTS_DIR / DIT_FILE,
                        {"comfyui-optim": f"reference sd3 mmdit depth {args.dit_depth} seed {args.seed}",
                         "steps": step + 1})
-    return {"depth": args.dit_depth, "parameters": sum(p.numel() for p in params), "steps": steps,
-            "batch": batch, "final_loss": loss.item(), "wall_s": time.time() - t0}
+    result = {"depth": args.dit_depth, "parameters": sum(p.numel() for p in params), "steps": steps,
+              "batch": batch, "lr": args.dit_lr, "final_loss": loss.item(), "wall_s": time.time() - t0}
+    if args.dit_resume:  # keep the runs this one continued, and the totals
+        import json
+        record = WEIGHTS_DIR / "training.json"
+        prev = json.loads(record.read_text()).get("dit", {}) if record.exists() else {}
+        runs = prev.pop("runs", [prev]) if prev else []
+        runs = runs + [dict(result)]
+        result = {**result, "runs": runs, "total_steps": sum(r["steps"] for r in runs),
+                  "total_wall_s": sum(r["wall_s"] for r in runs)}
+    return result

@@ -23,7 +23,7 @@ from bench.reference import adherence as ad
 from bench.reference import dataset as ds
 from bench.reference import graphs
 
-RESULTS = REPO_ROOT / "bench" / "results"
+RESULTS = REPO_ROOT / "bench" / "results" / "reference"  # not a `bench run` result: own folder
 
 
 def run_prompts(server, prompts, *, seed=0, steps=graphs.STEPS, cfg=graphs.CFG, optim=(),
@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     parser.add_argument("--cfg", type=float, default=graphs.CFG)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--base", type=Path, default=None, help="ComfyUI base directory (default: a temp dir)")
-    parser.add_argument("--out", type=Path, default=RESULTS / "reference-adherence.json")
+    parser.add_argument("--out", type=Path, default=RESULTS / "adherence.json")
     args = parser.parse_args(argv)
     root, why = find_comfyui()
     if root is None:

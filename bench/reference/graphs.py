@@ -85,13 +85,21 @@ class InProcess:
 
     def encode(self, text: str):
         if text not in self._cond:
-            out = self.nodes["CLIPTextEncode"]().encode(self.clip, text)
+            import torch
+            with torch.inference_mode():
+                out = self.nodes["CLIPTextEncode"]().encode(self.clip, text)
             self._cond[text] = out[0] if isinstance(out, tuple) else out.result[0]
         return self._cond[text]
 
     def sample(self, prompt: str, *, seed: int = 0, steps: int = STEPS, cfg: float = CFG, model=None,
                negative: str = "", batch: int = 1):
-        """Decoded images, float [batch, 64, 64, 3] in [0, 1]."""
+        """Decoded images, float [batch, 64, 64, 3] in [0, 1] (under inference mode, as ComfyUI's
+        executor runs nodes)."""
+        import torch
+        with torch.inference_mode():
+            return self._sample(prompt, seed, steps, cfg, model, negative, batch)
+
+    def _sample(self, prompt, seed, steps, cfg, model, negative, batch):
         latent = self.nodes["EmptySD3LatentImage"].execute(64, 64, batch).result[0]
         out = self.nodes["KSampler"]().sample(model or self.model, seed, steps, cfg, SAMPLER, SCHEDULER,
                                               self.encode(prompt), self.encode(negative), latent)[0]

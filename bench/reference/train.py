@@ -4,6 +4,7 @@
 
 Stages (each reads what the previous ones left in the work folder, so a stage can be rerun alone):
   vae    the 16-channel TAESD-format VAE (bench/reference/vae.py)
+  vae-decoder  more decoder training, encoder frozen (same latents: the DiT stays valid)
   embed  the generated CLIP-L's CLIPTextEncode output for every caption of the grammar
   dit    the SD3-architecture MMDiT (bench/reference/dit.py)
 Shipped results go to bench/reference/weights/ (fp16 safetensors); intermediates (the generated
@@ -35,7 +36,9 @@ def _save_fp16(sd: dict, path: Path, meta: dict) -> None:
             raise ValueError(f"{k} is not finite in fp16")
         out[k] = v
     path.parent.mkdir(parents=True, exist_ok=True)
-    safetensors.torch.save_file(out, str(path), metadata={k: str(v) for k, v in meta.items()})
+    tmp = path.with_suffix(".tmp")  # readers (a check while training runs) never see half a file
+    safetensors.torch.save_file(out, str(tmp), metadata={k: str(v) for k, v in meta.items()})
+    tmp.replace(path)
 
 
 def stage_vae(args, log) -> dict:
@@ -54,15 +57,35 @@ def stage_vae(args, log) -> dict:
     return {**stats, "latent_mean": mean, "latent_std": std, "wall_s": time.time() - t0}
 
 
+def stage_vae_decoder(args, log) -> dict:
+    """Decoder-only fine-tune of the trained VAE (latents unchanged), re-exported with the same
+    scaling."""
+    import safetensors
+    from bench.reference import vae as rv
+    t0 = time.time()
+    vae = rv.SlimTAESD(16)
+    vae.load_state_dict(torch.load(work_dir() / "slim_vae16.pt"))
+    with safetensors.safe_open(str(WEIGHTS_DIR / VAE_FILE), "pt") as f:
+        meta = f.metadata()
+        scale, shift = float(f.get_tensor("vae_scale")), float(f.get_tensor("vae_shift"))
+    stats = rv.finetune_decoder(vae, steps=args.vae_decoder_steps, batch=args.vae_batch, seed=args.seed + 1,
+                                log=log)
+    torch.save(vae.state_dict(), work_dir() / "slim_vae16.pt")
+    _save_fp16(vae.export(scale, shift), WEIGHTS_DIR / VAE_FILE, {**meta, "decoder_finetune_steps":
+                                                                  args.vae_decoder_steps})
+    return {**stats, "wall_s": time.time() - t0}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.reference.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stages", nargs="+", default=["vae", "embed", "dit"],
-                        choices=["vae", "embed", "dit"])
+    parser.add_argument("--stages", nargs="+", default=["vae", "vae-decoder", "embed", "dit"],
+                        choices=["vae", "vae-decoder", "embed", "dit"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vae-steps", type=int, default=1200)
     parser.add_argument("--vae-batch", type=int, default=16)
     parser.add_argument("--vae-lr", type=float, default=1e-3)
+    parser.add_argument("--vae-decoder-steps", type=int, default=1500)
     parser.add_argument("--dit-steps", type=int, default=2000)
     parser.add_argument("--dit-batch", type=int, default=32)
     parser.add_argument("--dit-depth", type=int, default=2)
@@ -86,7 +109,7 @@ def main(argv=None) -> int:
             f.write(msg + "\n")
 
     record_path = WEIGHTS_DIR / "training.json"
-    stages = {"vae": stage_vae}
+    stages = {"vae": stage_vae, "vae-decoder": stage_vae_decoder}
     if "embed" in args.stages or "dit" in args.stages:
         from bench.reference import dit
         stages["embed"] = dit.stage_embed
