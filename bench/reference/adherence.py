@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
 
 from bench.reference import dataset as ds
 
@@ -30,6 +29,36 @@ class Reading:
     @property
     def score(self) -> float:
         return sum(self.correct.values()) / len(self.correct)
+
+
+def _label(mask: np.ndarray) -> list[np.ndarray]:
+    """Connected components (4-connectivity) of a boolean mask, each as a boolean mask (numpy
+    only: the unit-test layer has no scipy)."""
+    h, w = mask.shape
+    seen = np.zeros_like(mask)
+    comps = []
+    for y0, x0 in zip(*np.nonzero(mask)):
+        if seen[y0, x0]:
+            continue
+        comp = np.zeros_like(mask)
+        stack = [(y0, x0)]
+        seen[y0, x0] = True
+        while stack:
+            y, x = stack.pop()
+            comp[y, x] = True
+            for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if 0 <= ny < h and 0 <= nx < w and mask[ny, nx] and not seen[ny, nx]:
+                    seen[ny, nx] = True
+                    stack.append((ny, nx))
+        comps.append(comp)
+    return comps
+
+
+def _erode(mask: np.ndarray) -> np.ndarray:
+    """Binary erosion by a 3x3 cross (pixels outside the image count as background)."""
+    padded = np.pad(mask, 1)
+    return (padded[1:-1, 1:-1] & padded[:-2, 1:-1] & padded[2:, 1:-1]
+            & padded[1:-1, :-2] & padded[1:-1, 2:])
 
 
 def _nearest(rgb: np.ndarray, palette: dict[str, tuple]) -> str:
@@ -63,8 +92,7 @@ def read(image: np.ndarray, prompt: str) -> Reading:
     bg_rgb = np.median(border, axis=0)
     values: dict[str, str | None] = {"background": _nearest(bg_rgb, ds.BACKGROUNDS)}
     fg = np.linalg.norm(img - bg_rgb, axis=-1) > FOREGROUND_DIST
-    labels, n = ndimage.label(fg)
-    comps = [labels == i for i in range(1, n + 1)]
+    comps = _label(fg)
     # an object is neither a speck nor most of the picture (noise, a wrong background)
     comps = [c for c in comps if MIN_AREA <= c.sum() <= MAX_AREA]
     count = len(comps)
@@ -74,7 +102,7 @@ def read(image: np.ndarray, prompt: str) -> Reading:
     else:
         union = np.logical_or.reduce(comps)
         # colour from the object pixels least mixed with the background (the inner ones)
-        inner = ndimage.binary_erosion(union)
+        inner = _erode(union)
         pix = img[inner] if inner.sum() >= 4 else img[union]
         values["colour"] = _nearest(np.median(pix, axis=0), ds.COLOURS)
         shapes = [_shape_class(c) for c in comps]

@@ -116,7 +116,9 @@ def main(argv=None) -> int:
         stages["dit"] = dit.stage_dit
     for name in args.stages:
         log(f"== stage {name}")
+        cpu0 = time.process_time()
         result = stages[name](args, log)
+        result["cpu_s"] = time.process_time() - cpu0  # wall time on a shared CPU says little
         record = json.loads(record_path.read_text()) if record_path.exists() else {}
         record[name] = {**result, "seed": args.seed, "torch_threads": torch.get_num_threads(),
                         "device": "cpu"}
