@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     ref.add_argument("--prompts", type=_positive, default=24, help="first N of the fixed prompt set")
     ref.add_argument("--steps", type=_positive, default=20)
     ref.add_argument("--repeats", type=_positive, default=1, help="timed runs per prompt (the fastest counts)")
+    ref.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     ref.add_argument("--out", type=Path, default=None)
     report = sub.add_parser("report", help="turn bench/results/*.json into the README tables")
     report.add_argument("--readme", type=Path, default=None, help="rewrite the tables in this README")
@@ -100,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             print(f"unknown technique(s) {unknown}; known: {', '.join(techniques.TECHNIQUES)}", file=sys.stderr)
             return 2
-        result = ref_bench.run(names, prompts=args.prompts, steps=args.steps, repeats=args.repeats)
+        result = ref_bench.run(names, prompts=args.prompts, steps=args.steps, repeats=args.repeats,
+                               threads=args.threads)
         print(ref_bench.summary(result))
         print(f"saved {ref_bench.save(result, args.out)}")
         return 0

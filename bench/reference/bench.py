@@ -29,10 +29,14 @@ RESULTS = REPO_ROOT / "bench" / "results" / "reference" / "techniques.json"  # o
 
 
 def run(technique_names=DEFAULT_TECHNIQUES, prompts: int = 24, steps: int = 20, repeats: int = 1,
-        log=print) -> dict:
+        threads: int = 1, log=print) -> dict:
     from bench import comfy_env
     comfy_env.load_comfyui_in_process(Path(tempfile.mkdtemp(prefix="optim-ref-bench-")))
     import torch
+    if threads:
+        # a model this small gains nothing from a second thread, and on a shared CPU OpenMP's
+        # threads waiting on each other made every call 20x slower here
+        torch.set_num_threads(threads)
 
     from bench import techniques
     from bench.reference import adherence as ad
@@ -75,7 +79,7 @@ def run(technique_names=DEFAULT_TECHNIQUES, prompts: int = 24, steps: int = 20, 
             images[name].append(img[0].float())
         log(f"  prompt {i + 1}/{len(chosen)}: " + ", ".join(f"{n} {times[n][-1]:.2f}s" for n in arms))
     base_t = statistics.median(times["uncached"])
-    result = {"prompts": len(chosen), "steps": steps, "cfg": graphs.CFG, "sampler": graphs.SAMPLER,
+    result = {"prompts": len(chosen), "steps": steps, "torch_threads": torch.get_num_threads(), "cfg": graphs.CFG, "sampler": graphs.SAMPLER,
               "scheduler": graphs.SCHEDULER, "weights": "trained (bench/reference/weights)",
               "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"), "arms": {}}
     for name in arms:

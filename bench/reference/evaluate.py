@@ -62,6 +62,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--base", type=Path, default=None, help="ComfyUI base directory (default: a temp dir)")
     parser.add_argument("--out", type=Path, default=RESULTS / "adherence.json")
+    parser.add_argument("--server-threads", type=int, default=1,
+                        help="OMP_NUM_THREADS of the server (0: leave it; 1 is far faster for this "
+                             "small model on a shared CPU)")
     args = parser.parse_args(argv)
     root, why = find_comfyui()
     if root is None:
@@ -77,6 +80,9 @@ def main(argv=None) -> int:
     comfy_env.load_comfyui_in_process(base)  # only to generate the CLIP-L file if it is missing
     graphs.install(base / "models")
     prompts = ds.PROMPTS[:args.prompts]
+    if args.server_threads:
+        import os
+        os.environ["OMP_NUM_THREADS"] = str(args.server_threads)  # the server inherits it
     t0 = time.time()
     with ComfyServer(base) as server:
         images, seconds = run_prompts(server, prompts, seed=args.seed, steps=args.steps, cfg=args.cfg)
