@@ -12,7 +12,7 @@ import numpy as np
 from bench.reference import adherence as ad
 from bench.reference import dataset as ds
 
-TECHNIQUES = ("ditcache_wide", "ditcache_adaptive_wide", "easycache")
+TECHNIQUES = ("ditcache_wide", "ditcache_adaptive_wide", "easycache", "lazycache")
 
 
 def run(server, out_dir: Path, steps: int = 20, prompts: int = 8, techniques=TECHNIQUES) -> list[tuple]:
@@ -51,8 +51,8 @@ def run(server, out_dir: Path, steps: int = 20, prompts: int = 8, techniques=TEC
 def report(rows, steps: int, prompts: int) -> str:
     lines = [f"Trained reference DiT (SD3 MMDiT), {prompts} prompts of the fixed set, {steps} steps; "
              "standard loaders + CLIPTextEncode:",
-             f"{'graph':18s} {'adherence':>9s} {'wall s':>8s} {'speedup':>8s} {'PSNR dB':>8s} {'SSIM':>7s}"]
+             f"{'graph':22s} {'adherence':>9s} {'wall s':>8s} {'speedup':>8s} {'PSNR dB':>8s} {'SSIM':>7s}"]
     for name, adh, t, t_plain, p, s in rows:
         p = "inf" if p == float("inf") else f"{p:.2f}"
-        lines.append(f"{name:18s} {adh:9.3f} {t:8.2f} {t_plain / t:7.2f}x {p:>8s} {s:7.4f}")
+        lines.append(f"{name:22s} {adh:9.3f} {t:8.2f} {t_plain / t:7.2f}x {p:>8s} {s:7.4f}")
     return "\n".join(lines)

@@ -46,6 +46,8 @@ def stage_vae(args, log) -> dict:
     import numpy as np
     from bench.reference import vae as rv
     t0 = time.time()
+    for stale in work_dir().glob("latents_*.pt"):  # encoded by the previous VAE
+        stale.unlink()
     vae, stats = rv.train(16, steps=args.vae_steps, batch=args.vae_batch, seed=args.seed, lr=args.vae_lr,
                           log=log)
     torch.save(vae.state_dict(), work_dir() / "slim_vae16.pt")
