@@ -63,6 +63,8 @@ TECHNIQUES: dict[str, Technique] = {t.name: t for t in [
               (("OptimDiTCache", {**DITCACHE, "cache_block_start": 0}),), DIT_FAMILIES),
     Technique("ditcache_adaptive", "DiT block cache, adaptive, threshold 0.15, at most 3 reuses in a row",
               (("OptimDiTCache", {**DITCACHE, "mode": "adaptive"}),), DIT_FAMILIES),
+    Technique("ditcache_adaptive_wide", "DiT block cache, adaptive, over every block but the last (2-block models)",
+              (("OptimDiTCache", {**DITCACHE, "mode": "adaptive", "cache_block_start": 0}),), DIT_FAMILIES),
     Technique("easycache", "ComfyUI's built-in EasyCache, reuse_threshold 0.2 (for comparison)",
               (("EasyCache", BUILTIN_CACHE),), DIT_FAMILIES),
     Technique("lazycache", "ComfyUI's built-in LazyCache, reuse_threshold 0.2 (for comparison)",

@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--families", nargs="*", default=list(DEMOS), choices=list(DEMOS))
+    parser.add_argument("--reference-prompts", type=int, default=8,
+                        help="prompts for the trained reference models' part (0: skip it)")
     args = parser.parse_args(argv)
 
     root, why = comfy_env.find_comfyui()
@@ -57,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     comfy_env.load_comfyui_in_process(base)
     for family in args.families:
         graphs.write_model_files(base / "models", family)
+    if args.reference_prompts:
+        from bench.reference import demo as ref_demo
+        from bench.reference import graphs as ref_graphs
+        ref_graphs.install(base / "models")  # trained DiT + VAE (shipped), CLIP-L (regenerated)
 
     results = []  # (family, variant, median wall s, PSNR, SSIM)
     print(f"[demo] starting ComfyUI ({root}) headless on a loopback port ...")
@@ -91,12 +97,17 @@ def main(argv: list[str] | None = None) -> int:
             for name in variants:
                 results.append((family, name, statistics.median(times[name]),
                                 statistics.median(times["plain"]), *fidelity[name]))
+        if args.reference_prompts:
+            ref_rows = ref_demo.run(server, OUTPUT, steps=args.steps, prompts=args.reference_prompts)
 
     print(f"\nHeadless ComfyUI, {args.steps} steps, 64x64, generated weights; wall time per prompt "
           f"from the server's timestamps, median of {args.repeats} alternating repeats:")
     print(f"{'model':8s} {'graph':18s} {'wall s':>8s} {'speedup':>8s} {'PSNR dB':>8s} {'SSIM':>7s}")
     for family, name, t, t_plain, p, s in results:
         print(f"{family:8s} {name:18s} {t:8.2f} {t_plain / t:7.2f}x {fmt_db(p):>8s} {s:7.4f}")
+    if args.reference_prompts:
+        print("\n" + ref_demo.report(ref_rows, args.steps, args.reference_prompts))
+        print(f"grid (rows: prompts, columns: graphs): {OUTPUT / 'reference-grid.png'}")
     print(f"\nimages: {OUTPUT}")
     return 0
 

@@ -1,0 +1,106 @@
+"""Standard ComfyUI graphs on the reference models: CLIPLoader + CLIPTextEncode, UNETLoader,
+VAELoader, EmptySD3LatentImage, KSampler, VAEDecode, SaveImage. Nothing of the pack and no test
+helper nodes: exactly what a user would wire.
+
+`install(models_dir)` puts the shipped weights (symlinks) and the regenerated CLIP-L where those
+loaders look for them."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from bench.reference import WEIGHTS_DIR, text_encoder, work_dir
+
+DIT_FILE = "optim-ref-sd3.safetensors"
+VAE_FILE = "optim-ref-taesd3.safetensors"
+CLIP_FILE = text_encoder.FILE_NAME
+STEPS, CFG, SAMPLER, SCHEDULER = 20, 4.0, "euler", "normal"
+
+
+def shipped(name: str) -> Path:
+    path = WEIGHTS_DIR / name
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: train it with `python -m bench.reference.train`")
+    return path
+
+
+def install(models_dir: Path) -> Path:
+    """Link the shipped DiT and VAE into models/diffusion_models and models/vae, and write the
+    generated CLIP-L (once, cached in the work folder) into models/text_encoders."""
+    models_dir = Path(models_dir)
+    clip = text_encoder.write_clip_l(work_dir() / CLIP_FILE)
+    for sub, name, src in (("diffusion_models", DIT_FILE, shipped(DIT_FILE)),
+                           ("vae", VAE_FILE, shipped(VAE_FILE)),
+                           ("text_encoders", CLIP_FILE, clip)):
+        link = models_dir / sub / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(src.resolve())
+    return models_dir
+
+
+def txt2img(prompt: str, *, negative: str = "", seed: int = 0, steps: int = STEPS, cfg: float = CFG,
+            sampler: str = SAMPLER, scheduler: str = SCHEDULER, batch: int = 1,
+            optim: list[tuple[str, dict]] = (), filename_prefix: str = "ref") -> dict:
+    """API-format graph. Node ids: "unet", "clip", "vae", "pos", "neg", "latent", "sampler",
+    "decode", "save", and "optim0", ... for MODEL -> MODEL nodes between the loader and KSampler."""
+    g: dict = {
+        "unet": {"class_type": "UNETLoader", "inputs": {"unet_name": DIT_FILE, "weight_dtype": "default"}},
+        "clip": {"class_type": "CLIPLoader", "inputs": {"clip_name": CLIP_FILE, "type": "stable_diffusion",
+                                                        "device": "default"}},
+        "vae": {"class_type": "VAELoader", "inputs": {"vae_name": VAE_FILE}},
+        "pos": {"class_type": "CLIPTextEncode", "inputs": {"text": prompt, "clip": ["clip", 0]}},
+        "neg": {"class_type": "CLIPTextEncode", "inputs": {"text": negative, "clip": ["clip", 0]}},
+        "latent": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64,
+                                                                   "batch_size": batch}},
+    }
+    model = ["unet", 0]
+    for i, (class_type, inputs) in enumerate(optim):
+        g[f"optim{i}"] = {"class_type": class_type, "inputs": {"model": model, **inputs}}
+        model = [f"optim{i}", 0]
+    g["sampler"] = {"class_type": "KSampler", "inputs": {
+        "model": model, "seed": seed, "steps": steps, "cfg": cfg, "sampler_name": sampler,
+        "scheduler": scheduler, "positive": ["pos", 0], "negative": ["neg", 0],
+        "latent_image": ["latent", 0], "denoise": 1.0}}
+    g["decode"] = {"class_type": "VAEDecode", "inputs": {"samples": ["sampler", 0], "vae": ["vae", 0]}}
+    g["save"] = {"class_type": "SaveImage", "inputs": {"images": ["decode", 0],
+                                                       "filename_prefix": filename_prefix}}
+    return g
+
+
+class InProcess:
+    """The same graph run in this process through the node classes ComfyUI registered (for tests
+    and quick checks; `bench.reference.evaluate` runs it through a server). Needs
+    `bench.comfy_env.load_comfyui_in_process()` first."""
+
+    def __init__(self):
+        import folder_paths
+        import nodes as comfy_nodes
+        self.nodes = comfy_nodes.NODE_CLASS_MAPPINGS
+        install(Path(folder_paths.models_dir))
+        self.model = self.nodes["UNETLoader"]().load_unet(DIT_FILE, "default")[0]
+        self.clip = self.nodes["CLIPLoader"]().load_clip(CLIP_FILE, "stable_diffusion", "default")[0]
+        self.vae = self.nodes["VAELoader"]().load_vae(VAE_FILE)[0]
+        self._cond: dict[str, list] = {}
+
+    def encode(self, text: str):
+        if text not in self._cond:
+            import torch
+            with torch.inference_mode():
+                out = self.nodes["CLIPTextEncode"]().encode(self.clip, text)
+            self._cond[text] = out[0] if isinstance(out, tuple) else out.result[0]
+        return self._cond[text]
+
+    def sample(self, prompt: str, *, seed: int = 0, steps: int = STEPS, cfg: float = CFG, model=None,
+               negative: str = "", batch: int = 1):
+        """Decoded images, float [batch, 64, 64, 3] in [0, 1] (under inference mode, as ComfyUI's
+        executor runs nodes)."""
+        import torch
+        with torch.inference_mode():
+            return self._sample(prompt, seed, steps, cfg, model, negative, batch)
+
+    def _sample(self, prompt, seed, steps, cfg, model, negative, batch):
+        latent = self.nodes["EmptySD3LatentImage"].execute(64, 64, batch).result[0]
+        out = self.nodes["KSampler"]().sample(model or self.model, seed, steps, cfg, SAMPLER, SCHEDULER,
+                                              self.encode(prompt), self.encode(negative), latent)[0]
+        return self.nodes["VAEDecode"]().decode(self.vae, out)[0]

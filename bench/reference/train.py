@@ -1,0 +1,134 @@
+"""Train the reference models from scratch, reproducibly from a seed, on the CPU (or a GPU).
+
+    python -m bench.reference.train [--stages vae embed dit] [--seed 0]
+
+Stages (each reads what the previous ones left in the work folder, so a stage can be rerun alone):
+  vae    the 16-channel TAESD-format VAE (bench/reference/vae.py)
+  vae-decoder  more decoder training, encoder frozen (same latents: the DiT stays valid)
+  embed  the generated CLIP-L's CLIPTextEncode output for every caption of the grammar
+  dit    the SD3-architecture MMDiT (bench/reference/dit.py)
+Shipped results go to bench/reference/weights/ (fp16 safetensors); intermediates (the generated
+CLIP-L, slim VAE, encoded latents, embeddings) to ~/.cache/comfyui-optim/reference/.
+Each stage logs its wall time; the totals land in weights/training.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from bench import comfy_env
+from bench.reference import WEIGHTS_DIR, work_dir
+
+VAE_FILE = "optim-ref-taesd3.safetensors"
+DIT_FILE = "optim-ref-sd3.safetensors"
+
+
+def _save_fp16(sd: dict, path: Path, meta: dict) -> None:
+    import safetensors.torch
+    out = {}
+    for k, v in sd.items():
+        v = v.detach().float().to(torch.float16).contiguous()
+        if not torch.isfinite(v).all():
+            raise ValueError(f"{k} is not finite in fp16")
+        out[k] = v
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")  # readers (a check while training runs) never see half a file
+    safetensors.torch.save_file(out, str(tmp), metadata={k: str(v) for k, v in meta.items()})
+    tmp.replace(path)
+
+
+def stage_vae(args, log) -> dict:
+    import comfy.latent_formats
+    import numpy as np
+    from bench.reference import vae as rv
+    t0 = time.time()
+    for stale in work_dir().glob("latents_*.pt"):  # encoded by the previous VAE
+        stale.unlink()
+    vae, stats = rv.train(16, steps=args.vae_steps, batch=args.vae_batch, seed=args.seed, lr=args.vae_lr,
+                          log=log)
+    torch.save(vae.state_dict(), work_dir() / "slim_vae16.pt")
+    imgs = rv.batch_images(np.random.Generator(np.random.PCG64(args.seed + 7)), 1024)
+    mean, std = rv.latent_stats(vae, imgs)
+    scale, shift = rv.scaling_for(comfy.latent_formats.SD3(), mean, std)
+    _save_fp16(vae.export(scale, shift), WEIGHTS_DIR / VAE_FILE,
+               {"comfyui-optim": f"reference taesd3 seed {args.seed}", "latent_mean": mean, "latent_std": std})
+    return {**stats, "latent_mean": mean, "latent_std": std, "wall_s": time.time() - t0}
+
+
+def stage_vae_decoder(args, log) -> dict:
+    """Decoder-only fine-tune of the trained VAE (latents unchanged), re-exported with the same
+    scaling."""
+    import safetensors
+    from bench.reference import vae as rv
+    t0 = time.time()
+    vae = rv.SlimTAESD(16)
+    vae.load_state_dict(torch.load(work_dir() / "slim_vae16.pt"))
+    with safetensors.safe_open(str(WEIGHTS_DIR / VAE_FILE), "pt") as f:
+        meta = f.metadata()
+        scale, shift = float(f.get_tensor("vae_scale")), float(f.get_tensor("vae_shift"))
+    stats = rv.finetune_decoder(vae, steps=args.vae_decoder_steps, batch=args.vae_batch, seed=args.seed + 1,
+                                log=log)
+    torch.save(vae.state_dict(), work_dir() / "slim_vae16.pt")
+    _save_fp16(vae.export(scale, shift), WEIGHTS_DIR / VAE_FILE, {**meta, "decoder_finetune_steps":
+                                                                  args.vae_decoder_steps})
+    return {**stats, "wall_s": time.time() - t0}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.reference.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stages", nargs="+", default=["vae", "vae-decoder", "embed", "dit"],
+                        choices=["vae", "vae-decoder", "embed", "dit"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--vae-steps", type=int, default=1200)
+    parser.add_argument("--vae-batch", type=int, default=16)
+    parser.add_argument("--vae-lr", type=float, default=1e-3)
+    parser.add_argument("--vae-decoder-steps", type=int, default=1500)
+    parser.add_argument("--dit-steps", type=int, default=2000)
+    parser.add_argument("--dit-batch", type=int, default=32)
+    parser.add_argument("--dit-depth", type=int, default=2)
+    parser.add_argument("--dit-lr", type=float, default=1e-3)
+    parser.add_argument("--dit-ema", type=float, default=0.998)
+    parser.add_argument("--dit-samples", type=int, default=12000)
+    parser.add_argument("--dit-resume", action="store_true",
+                        help="start from the shipped DiT weights instead of a fresh init")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (0: torch's default; 1 is fastest on a shared 2-core CPU, "
+                             "where OpenMP threads otherwise wait on each other)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    comfy_env.load_comfyui_in_process()
+    log_path = work_dir() / "train.log"
+
+    def log(msg):
+        print(msg, flush=True)
+        with open(log_path, "a") as f:
+            f.write(msg + "\n")
+
+    record_path = WEIGHTS_DIR / "training.json"
+    stages = {"vae": stage_vae, "vae-decoder": stage_vae_decoder}
+    if "embed" in args.stages or "dit" in args.stages:
+        from bench.reference import dit
+        stages["embed"] = dit.stage_embed
+        stages["dit"] = dit.stage_dit
+    for name in args.stages:
+        log(f"== stage {name}")
+        cpu0 = time.process_time()
+        result = stages[name](args, log)
+        result["cpu_s"] = time.process_time() - cpu0  # wall time on a shared CPU says little
+        record = json.loads(record_path.read_text()) if record_path.exists() else {}
+        record[name] = {**result, "seed": args.seed, "torch_threads": torch.get_num_threads(),
+                        "device": "cpu"}
+        log(f"== stage {name} done: {json.dumps(record[name])}")
+        record_path.parent.mkdir(parents=True, exist_ok=True)
+        record_path.write_text(json.dumps(record, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,22 @@
+"""The shipped reference models through a real server: stock loaders, CLIPTextEncode, KSampler,
+VAEDecode, with and without the pack's DiT cache, as an API client submits them."""
+import numpy as np
+
+from bench.reference import adherence as ad
+from bench.reference import dataset as ds
+from bench.reference import graphs
+from bench.reference.evaluate import run_prompts
+from bench.techniques import technique
+
+
+def test_reference_graph_follows_prompts_headless(server):
+    graphs.install(server.base_dir / "models")
+    prompts = ds.PROMPTS[:2]
+    plain, _ = run_prompts(server, prompts, prefix="e2e-ref")
+    assert plain.shape == (2, ds.SIDE, ds.SIDE, 3)
+    assert ad.adherence(plain, prompts)["adherence"] >= 0.5
+    stack = [(n, dict(p)) for n, p in technique("ditcache_wide").stack]
+    cached, _ = run_prompts(server, prompts, optim=stack, prefix="e2e-ref-cached")
+    diff = np.abs(cached.astype(np.float32) - plain.astype(np.float32))
+    assert 0 < diff.mean() < 20  # the cache changes the images, and only a little
+    assert ad.adherence(cached, prompts)["adherence"] >= 0.5
