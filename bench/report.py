@@ -12,7 +12,10 @@ SWEEP_BEGIN, SWEEP_END = "<!-- ditcache-sweep:begin -->", "<!-- ditcache-sweep:e
 
 
 def load_results(folder: Path = RESULTS_DIR) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+    """The side-by-side runs of `python -m bench run` (the offload, layerwise and VAE benchmarks
+    keep their own result formats in the same folder and their own tables in the README)."""
+    results = (json.loads(p.read_text()) for p in sorted(folder.glob("*.json")))
+    return [r for r in results if "technique" in r and "baseline" in r]
 
 
 def markdown_tables(results: list[dict]) -> str:
