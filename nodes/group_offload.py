@@ -11,6 +11,15 @@ from .messages import node_id_of, stats_sender
 log = logging.getLogger("comfyui-optim")
 
 
+def checked_params(node: str, *values) -> group_offload.GroupOffloadParams:
+    """The node's inputs as parameters, or a ValueError naming the node and what is wrong."""
+    params = group_offload.GroupOffloadParams(*values)
+    problems = params.problems()
+    if problems:
+        raise ValueError(f"{node}: " + "; ".join(problems))
+    return params
+
+
 class OptimGroupOffload(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -64,11 +73,8 @@ class OptimGroupOffload(io.ComfyNode):
     def execute(cls, model, offload_type="block_level", num_blocks_per_group=1, use_stream=True,
                 record_stream=False, low_cpu_mem_usage=False, vram_budget_gb=0.0,
                 offload_to_disk=False) -> io.NodeOutput:
-        params = group_offload.GroupOffloadParams(offload_type, num_blocks_per_group, use_stream, record_stream,
-                                                  low_cpu_mem_usage, vram_budget_gb, offload_to_disk)
-        problems = params.problems()
-        if problems:
-            raise ValueError("OptimGroupOffload: " + "; ".join(problems))
+        params = checked_params("OptimGroupOffload", offload_type, num_blocks_per_group, use_stream, record_stream,
+                                low_cpu_mem_usage, vram_budget_gb, offload_to_disk)
         dm = model.get_model_object("diffusion_model")
         if not group_offload.managed_leaves(dm):
             log.warning("OptimGroupOffload: %s (%s) has no layers ComfyUI can stream; the model passes "
@@ -105,11 +111,8 @@ class OptimGroupOffloadVAE(io.ComfyNode):
     def execute(cls, vae, offload_type="block_level", num_blocks_per_group=1, use_stream=True,
                 record_stream=False, low_cpu_mem_usage=False, vram_budget_gb=0.0,
                 offload_to_disk=False) -> io.NodeOutput:
-        params = group_offload.GroupOffloadParams(offload_type, num_blocks_per_group, use_stream, record_stream,
-                                                  low_cpu_mem_usage, vram_budget_gb, offload_to_disk)
-        problems = params.problems()
-        if problems:
-            raise ValueError("OptimGroupOffloadVAE: " + "; ".join(problems))
+        params = checked_params("OptimGroupOffloadVAE", offload_type, num_blocks_per_group, use_stream, record_stream,
+                                low_cpu_mem_usage, vram_budget_gb, offload_to_disk)
         patched = copy.copy(vae)               # shares the modules; its own patcher clone
         patched.patcher = vae.patcher.clone()
         group_offload.attach_module(patched.patcher, params)
@@ -143,11 +146,8 @@ class OptimGroupOffloadCLIP(io.ComfyNode):
     def execute(cls, clip, offload_type="block_level", num_blocks_per_group=1, use_stream=True,
                 record_stream=False, low_cpu_mem_usage=False, vram_budget_gb=0.0,
                 offload_to_disk=False) -> io.NodeOutput:
-        params = group_offload.GroupOffloadParams(offload_type, num_blocks_per_group, use_stream, record_stream,
-                                                  low_cpu_mem_usage, vram_budget_gb, offload_to_disk)
-        problems = params.problems()
-        if problems:
-            raise ValueError("OptimGroupOffloadCLIP: " + "; ".join(problems))
+        params = checked_params("OptimGroupOffloadCLIP", offload_type, num_blocks_per_group, use_stream, record_stream,
+                                low_cpu_mem_usage, vram_budget_gb, offload_to_disk)
         patched = clip.clone()
         group_offload.attach_module(patched.patcher, params)
         return io.NodeOutput(patched)
