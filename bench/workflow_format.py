@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bench import graphs
+from bench import factory, graphs
 from bench.comfy_env import REPO_ROOT
 
 WORKFLOWS = REPO_ROOT / "workflows"
@@ -104,19 +104,46 @@ def api_to_ui(api: dict, object_info: dict, note: str = "") -> dict:
             "groups": [], "config": {}, "extra": {}, "version": 0.4}
 
 
+# what a checkpoint or diffusion model file name says about its family (first match wins)
+FAMILY_HINTS = (("sd3", "sd3"), ("xl", "sdxl"), ("flux", "flux"), ("wan", "wan21"))
+
+
+def family_of(api: dict) -> str:
+    """The factory family standing in for the model files a workflow loads (SD1.5 by default)."""
+    names = " ".join(str(n["inputs"].get(k, "")) for n in api.values()
+                     if n["class_type"] in ("CheckpointLoaderSimple", "UNETLoader")
+                     for k in ("ckpt_name", "unet_name")).lower()
+    return next((family for hint, family in FAMILY_HINTS if hint in names), "sd15")
+
+
+def _factory_model(family: str, size: str) -> dict:
+    """A loader of the factory's `family` model: its file through UNETLoader where ComfyUI detects
+    that size from the weights, else the test helper node that builds it in the server."""
+    if size in factory.family(family).detectable:
+        unet, _ = graphs.model_files(family, size)
+        return {"class_type": "UNETLoader", "inputs": {"unet_name": unet, "weight_dtype": "default"}}
+    return {"class_type": "OptimTestModel", "inputs": {"family": family, "size": size, "seed": 0}}
+
+
 def swap_in_factory_models(api: dict, family: str, size: str = "tiny") -> dict:
-    """The same graph on factory models: CheckpointLoaderSimple becomes UNETLoader + VAELoader on
-    the factory's files, CLIPTextEncode becomes the test helper OptimTestConditioning."""
-    unet, vae = graphs.model_files(family, size)
+    """The same graph on factory models: CheckpointLoaderSimple becomes a loader of the factory's
+    model plus VAELoader on the factory's VAE, UNETLoader and VAELoader load the factory's files,
+    CLIPTextEncode becomes the test helper OptimTestConditioning (text encoder loaders are left
+    unconnected, so ComfyUI never runs them)."""
+    _, vae = graphs.model_files(family, size)
     out = json.loads(json.dumps(api))
     for key, node in api.items():
         if node["class_type"] == "CheckpointLoaderSimple":
-            out[key] = {"class_type": "UNETLoader", "inputs": {"unet_name": unet, "weight_dtype": "default"}}
+            out[key] = _factory_model(family, size)
             out[f"{key}_vae"] = {"class_type": "VAELoader", "inputs": {"vae_name": vae}}
             for other in out.values():
                 for name, value in other["inputs"].items():
                     if isinstance(value, list) and value[0] == key and value[1] == 2:
                         other["inputs"][name] = [f"{key}_vae", 0]
+        elif node["class_type"] == "UNETLoader":
+            out[key] = _factory_model(family, size)
+        elif node["class_type"] == "VAELoader":
+            out[key] = {"class_type": "VAELoader", "inputs": {"vae_name": vae}}
         elif node["class_type"] == "CLIPTextEncode":
             out[key] = {"class_type": "OptimTestConditioning",
                         "inputs": {"family": family, "size": size, "text": node["inputs"]["text"],

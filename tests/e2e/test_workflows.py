@@ -1,44 +1,71 @@
 """Every example workflow: its UI form matches its API source, and it runs headless on factory
-models through the server."""
+models through the server, with each pack node's run log showing it took effect."""
 import json
 import re
 
+import numpy as np
 import pytest
 
+from optim import metrics
 from bench import workflow_format as wf
-from bench.server import execution_error, read_images
+from bench.server import collect_events, execution_error, read_images
 
-STATS_LINE = {"OptimDeepCache": r"DeepCache \(interval \d+, branch \d+, \S+\): \d+ full and \d+ shallow",
+# what each pack node logs when it did its work in a run (searched in the log of that run only)
+STATS_LINE = {"OptimDeepCache": r"DeepCache \(interval \d+, branch \d+, \S+\): \d+ full and [1-9]\d* shallow",
               "OptimTGate": r"T-GATE \(gate step \d+ of \d+\): cross-attention computed \d+, reused [1-9]",
-              "OptimDiTCache": r"DiT cache \(fixed, blocks \d+\.\.\d+ of \d+\): [1-9]\d* of \d+ calls reused",
-              "OptimGroupOffload": r"Group offload \(block_level, \d+ per group, streams \w+\): [1-9]\d* groups streamed"}
+              "OptimDiTCache": r"DiT cache \((fixed|adaptive), blocks \d+\.\.\d+ of \d+\): [1-9]\d* of \d+ calls reused",
+              "OptimDiTCacheSearch": r"DiT cache \((fixed|adaptive), blocks \d+\.\.\d+ of \d+\): [1-9]\d* of \d+ calls reused",
+              "OptimGroupOffload": r"Group offload \(block_level, \d+ per group, streams \w+\): [1-9]\d* groups streamed",
+              "OptimLayerwiseCast": r"OptimLayerwiseCast on \w+ \(\w+\): \{'cast_layers': [1-9]"}
 # the search workflow saves the configuration the load workflow reads: run it first
 ORDER = {"ditcache-search-sd35": 0}
 NAMES = sorted(wf.api_workflows(), key=lambda n: (ORDER.get(n, 1), n))
-
-
-def family_of(api: dict) -> str:
-    names = [n["inputs"].get("ckpt_name", "") for n in api.values() if n["class_type"] == "CheckpointLoaderSimple"]
-    return "sd3" if any("sd3" in n for n in names) else "sd15"
+SIZE = 64      # px: the factory models are tiny; a workflow that upscales the latent ends larger
+FRAMES = 5     # video workflows
 
 
 def shorten(api: dict) -> dict:
-    """Keep the run short on the tiny factory model (2 blocks for the DiTs): small image, few steps."""
+    """Keep the run short on the tiny factory model (2 blocks for the DiTs): small image, few steps;
+    and make each node do its work at that size (stream everything, tile the small decode)."""
     for node in api.values():
         inputs = node["inputs"]
-        if node["class_type"] in ("EmptyLatentImage", "EmptySD3LatentImage"):
-            inputs.update(width=64, height=64)
+        if node["class_type"] in ("EmptyLatentImage", "EmptySD3LatentImage", "EmptyHunyuanLatentVideo"):
+            inputs.update(width=SIZE, height=SIZE)
+        if node["class_type"] == "EmptyHunyuanLatentVideo":
+            inputs["length"] = FRAMES
         if node["class_type"] in ("KSampler", "OptimDiTCacheSearch"):
             inputs["steps"] = 9
         if node["class_type"] == "OptimDiTCacheSearch":
             inputs.update(budget=1, calibration_seeds=1, target_speedup=1.2)
         if node["class_type"] == "OptimDiTCache":
             inputs.update(cache_block_start=0, cache_step_start=2)
+            if inputs.get("mode") == "adaptive":   # generated weights change more per step than trained ones
+                inputs["threshold"] = 1.0
         if node["class_type"] == "OptimDiTCacheConfig":   # the same configuration, for a 2-block model
             cfg = json.loads(inputs["config_json"])
             cfg.update(cache_block_start=0, cache_num_blocks=2, cache_step_start=2, num_blocks=2, steps=9)
             inputs["config_json"] = json.dumps(cfg)
+        if node["class_type"] == "OptimGroupOffload":   # stream every block, each on its own
+            inputs.update(vram_budget_gb=0.0, num_blocks_per_group=1)
+        if node["class_type"] == "OptimVAE" and inputs["tile_size"] > SIZE:   # tile the 128 px decode
+            inputs.update(tiling="always", tile_size=SIZE, overlap=16, min_tile_size=SIZE)
     return api
+
+
+def factory_prompt(name: str) -> dict:
+    api = wf.api_workflows()[name]
+    return shorten(wf.swap_in_factory_models(api, wf.family_of(api)))
+
+
+def saved_node(api: dict) -> str:
+    return next(k for k, n in api.items() if n["class_type"].startswith("Save"))
+
+
+def run_logged(server, prompt: dict) -> tuple[dict, str]:
+    """Run `prompt`; its history entry and what the server logged while it ran."""
+    start = len(server.log())
+    entry = server.run(prompt)
+    return entry, server.log()[start:]
 
 
 def test_there_is_a_workflow_for_each_technique_node():
@@ -49,6 +76,19 @@ def test_there_is_a_workflow_for_each_technique_node():
             "OptimChannelsLast"} <= used
     assert set(NAMES) <= set(wf.notes())
     assert "OptimGroupOffload" in used
+
+
+def test_the_stacks_people_want_are_there():
+    """The stacks issue 8 names, each on the model family it is meant for."""
+    stacks = {"deepcache-tgate-sdxl": ("sdxl", {"OptimDeepCache", "OptimTGate"}),
+              "ditcache-search-flux": ("flux", {"OptimDiTCacheSearch"}),
+              "video-fp8-offload-ditcache-wan21": ("wan21", {"OptimLayerwiseCast", "OptimGroupOffload",
+                                                             "OptimDiTCache"}),
+              "vae-tiling-hires-sdxl": ("sdxl", {"OptimVAE", "LatentUpscaleBy"})}
+    for name, (family, nodes) in stacks.items():
+        api = wf.api_workflows()[name]
+        assert wf.family_of(api) == family, name
+        assert nodes <= {n["class_type"] for n in api.values()}, name
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -62,10 +102,56 @@ def test_ui_workflow_is_generated_from_its_api_source(server, name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_workflow_runs_headless_on_factory_models(server, name):
-    api = shorten(wf.swap_in_factory_models(wf.api_workflows()[name], family_of(wf.api_workflows()[name])))
-    entry = server.run(api)
+    from PIL import Image
+    api = factory_prompt(name)
+    entry, log = run_logged(server, api)
     assert execution_error(entry) is None, execution_error(entry)
-    assert read_images(server.output_images(entry, "save")).shape == (1, 64, 64, 3)
-    for node in wf.api_workflows()[name].values():
+    paths = server.output_images(entry, saved_node(api))
+    side = SIZE * 2 if any(n["class_type"] == "LatentUpscaleBy" for n in api.values()) else SIZE
+    assert read_images(paths).shape == (1, side, side, 3)
+    if any(n["class_type"] == "EmptyHunyuanLatentVideo" for n in api.values()):
+        assert Image.open(paths[0]).n_frames == FRAMES
+    for node in api.values():
         if node["class_type"] in STATS_LINE:
-            assert re.search(STATS_LINE[node["class_type"]], server.log())
+            assert re.search(STATS_LINE[node["class_type"]], log), \
+                f"{node['class_type']} left no sign of its work in this run's log"
+
+
+def test_large_image_workflow_tiles_its_decode(server):
+    """The VAE tiling stack really tiles: the same graph with tiling off decodes the same latent
+    (the samplers' outputs come from ComfyUI's cache) to a close but different image."""
+    api = factory_prompt("vae-tiling-hires-sdxl")
+    images = {}
+    for tiling in ("always", "off"):
+        for node in api.values():
+            if node["class_type"] == "OptimVAE":
+                node["inputs"]["tiling"] = tiling
+        entry = server.run(api)
+        assert execution_error(entry) is None, execution_error(entry)
+        images[tiling] = read_images(server.output_images(entry, saved_node(api))).astype(np.float32) / 255
+    assert not np.array_equal(images["always"], images["off"])
+    import torch
+    assert metrics.psnr(torch.from_numpy(images["off"]), torch.from_numpy(images["always"]), 1.0) > 20
+
+
+def test_video_stack_composes(server):
+    """fp8 + group offload + DiT cache on Wan: the offload streams the fp8 weights (fewer bytes
+    than without the cast node) and skips the transfers of the block the cache skips."""
+    moved = {}
+    for cast in (True, False):
+        api = factory_prompt("video-fp8-offload-ditcache-wan21")
+        api["sampler"]["inputs"]["seed"] += 1            # not the cached outputs of the run above
+        if not cast:
+            api["offload"]["inputs"]["model"] = api["cast"]["inputs"]["model"]
+            del api["cast"]
+        entry, events = collect_events(server, api, "comfyui-optim.stats")
+        assert execution_error(entry) is None, execution_error(entry)
+        stats = {e["technique"]: e["stats"] for e in events}
+        offload, cache = stats["group_offload"], stats["ditcache"]
+        assert cache["calls_cached"] > 0
+        # every group is streamed on every call, except the cached block's on the calls that reuse
+        # it; a prefetch made before the cache decided to reuse is counted as wasted
+        assert offload["transfers"] == (offload["groups_streamed"] * offload["calls"] - cache["calls_cached"]
+                                        + offload["prefetch_wasted"])
+        moved[cast] = offload["bytes_moved"]
+    assert moved[True] < 0.75 * moved[False], moved
