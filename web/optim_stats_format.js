@@ -16,6 +16,7 @@ export const TECHNIQUE_LABELS = {
   layerwise_cast: "fp8 cast",
   vae: "VAE",
   vae_tiling: "VAE tiling",
+  device_placement: "Device placement",
 };
 
 export function techniqueLabel(technique) {
@@ -56,14 +57,15 @@ export function formatValue(key, value) {
   if (typeof value === "object") return `${Object.keys(value).length} entries`;
   if (!isNumber(value)) return String(value);
   const k = String(key);
-  if (k.endsWith("_bytes") || k === "bytes") return formatBytes(value);
+  if (/(^|_)bytes($|_)/.test(k)) return formatBytes(value);
+  if (k === "tile_size" || k.endsWith("_px")) return `${formatNumber(value)} px`;
   if (k.endsWith("speedup")) return `${value.toFixed(2)}×`;
   if (k === "gbps" || k.endsWith("_gbps")) return `${formatNumber(value)} GB/s`;
   if (k.endsWith("_fraction") || k.endsWith("_ratio")) return `${Math.round(value * 100)}%`;
   if (k.endsWith("_seconds") || k.endsWith("_s")) return `${formatNumber(value)} s`;
   if (k.endsWith("_ms")) return `${formatNumber(value)} ms`;
   if (k.endsWith("_mb")) return `${formatNumber(value)} MiB`;
-  if (k.endsWith("_gb")) return `${formatNumber(value)} GiB`;
+  if (k.endsWith("_gb") || k.startsWith("gb_")) return `${formatNumber(value)} GiB`;
   return formatNumber(value);
 }
 
@@ -80,15 +82,82 @@ export function stepHits(stats) {
   return cells && cells.some((c) => c !== "-") ? cells : null;
 }
 
-// The parts of the compact summary, from the well-known keys, most telling first.
-function knownParts(stats) {
+// Memory nodes: what their badge says first, per technique (keys in web/README.md). Each returns
+// the parts it made and marks the keys it read; the generic keys below then fill in the rest.
+const plural = (n, word) => `${n} ${word}${n === 1 ? "" : "s"}`;
+
+function offloadParts(s, push, take) {
+  const groups = isNumber(s.groups) ? s.groups : s.groups_streamed;
+  take("groups", "groups_streamed", "gb_moved", "resident_bytes");
+  if (isNumber(s.peak_vram_bytes)) push(`peak ${formatBytes(s.peak_vram_bytes)}`, "peak_vram_bytes");
+  if (s.bytes_moved === 0 && !groups) {
+    push("nothing streamed (fits)", "bytes_moved", "transfers", "gbps");
+    return;
+  }
+  if (isNumber(s.bytes_moved)) push(`moved ${formatBytes(s.bytes_moved)}`, "bytes_moved");
+  if (isNumber(s.gbps)) push(`${formatNumber(s.gbps)} GB/s`, "gbps");
+  if (isNumber(groups) && isNumber(s.transfers)) push(`${plural(groups, "group")}, ${plural(s.transfers, "transfer")}`, "transfers");
+  else if (isNumber(groups)) push(plural(groups, "group"));
+}
+
+function vaeParts(s, push, take) {
+  take("tile_size", "passes");
+  if (isNumber(s.tiles)) {
+    const size = isNumber(s.tile_size) ? ` of ${s.tile_size} px` : "";
+    push(s.tiles > 1 ? `${s.tiles} tiles${size}` : "not tiled", "tiles");
+  }
+  if (isNumber(s.passes) && s.passes > 1) push(`${s.passes} passes`);
+  const peak = isNumber(s.peak_vram_bytes) ? "peak_vram_bytes" : "peak_memory_bytes";
+  if (isNumber(s[peak])) push(`peak ${formatBytes(s[peak])}`, "peak_vram_bytes", "peak_memory_bytes");
+}
+
+function castParts(s, push, take) {
+  const cast = isNumber(s.layers_cast) ? s.layers_cast : s.cast_layers;
+  const kept = isNumber(s.layers_kept) ? s.layers_kept : s.skipped_layers;
+  take("layers_cast", "cast_layers", "layers_kept", "skipped_layers", "saved_mb");
+  if (isNumber(cast)) push(`${cast} layers fp8${isNumber(kept) ? `, ${kept} kept` : ""}`);
+  const before = s.weight_bytes_before, after = s.weight_bytes_after;
+  if (isNumber(before) && isNumber(after)) {
+    const change = before > 0 ? ` (${after <= before ? "−" : "+"}${Math.round(Math.abs(1 - after / before) * 100)}%)` : "";
+    push(`weights ${formatBytes(before)} → ${formatBytes(after)}${change}`, "weight_bytes_before", "weight_bytes_after");
+  } else if (isNumber(s.saved_mb)) push(`saved ${formatValue("saved_mb", s.saved_mb)}`);
+}
+
+// `devices`: {device: bytes placed there} or a list of device names
+function placementParts(s, push) {
+  const d = s.devices;
+  if (d && typeof d === "object" && !Array.isArray(d)) {
+    const entries = Object.entries(d);
+    if (entries.length && entries.every(([, v]) => isNumber(v))) {
+      push(entries.slice(0, 3).map(([name, v]) => `${name} ${formatBytes(v)}`).join(", ")
+        + (entries.length > 3 ? ` +${entries.length - 3}` : ""), "devices");
+    } else if (entries.length) push(plural(entries.length, "device"), "devices");
+  } else if (Array.isArray(d) && d.length) push(d.length > 3 ? plural(d.length, "device") : d.join(", "), "devices");
+}
+
+const TECHNIQUE_PARTS = {
+  group_offload: offloadParts, vae: vaeParts, vae_tiling: vaeParts, layerwise_cast: castParts,
+  device_placement: placementParts,
+};
+
+// The parts of the compact summary: the technique's own first, then the well-known keys it left,
+// most telling first.
+function knownParts(stats, technique) {
   const s = stats || {};
   const parts = [];
   const used = new Set();
   const take = (...keys) => keys.forEach((k) => used.add(k));
+  const push = (text, ...keys) => {
+    parts.push(text);
+    take(...keys);
+  };
+  const free = (...keys) => keys.every((k) => !used.has(k));
+
+  const own = TECHNIQUE_PARTS[String(technique ?? "")];
+  if (own) own(s, push, take);
 
   if (typeof s.note === "string" && s.note) {
-    parts.push(s.note);
+    parts.unshift(s.note);
     take("note");
   }
   if (s.stepped_aside === true) {
@@ -119,22 +188,22 @@ function knownParts(stats) {
     parts.push(`~${s.estimated_speedup.toFixed(2)}× est.`);
     take("estimated_speedup");
   }
-  if (isNumber(s.tiles)) {
+  if (isNumber(s.tiles) && free("tiles")) {
     parts.push(`${s.tiles} tile${s.tiles === 1 ? "" : "s"}`);
     take("tiles");
   }
-  if (isNumber(s.peak_vram_bytes)) {
+  if (isNumber(s.peak_vram_bytes) && free("peak_vram_bytes")) {
     parts.push(`peak ${formatBytes(s.peak_vram_bytes)}`);
-    take("peak_vram_bytes");
-  } else if (isNumber(s.peak_memory_bytes)) {
+    take("peak_vram_bytes", "peak_memory_bytes");
+  } else if (isNumber(s.peak_memory_bytes) && free("peak_memory_bytes")) {
     parts.push(`peak ${formatBytes(s.peak_memory_bytes)}`);
     take("peak_memory_bytes");
   }
-  if (isNumber(s.bytes_moved)) {
+  if (isNumber(s.bytes_moved) && free("bytes_moved")) {
     parts.push(`moved ${formatBytes(s.bytes_moved)}`);
     take("bytes_moved", "gb_moved");
   }
-  if (isNumber(s.gbps)) {
+  if (isNumber(s.gbps) && free("gbps")) {
     parts.push(`${formatNumber(s.gbps)} GB/s`);
     take("gbps");
   }
@@ -162,8 +231,8 @@ function shortLabel(key) {
 }
 
 // The compact one-line summary of one run's stats (without the technique's name).
-export function summarize(stats) {
-  const { parts, used } = knownParts(stats);
+export function summarize(stats, technique) {
+  const { parts, used } = knownParts(stats, technique);
   if (parts.length < 2) parts.push(...fallbackParts(stats, used, 3 - parts.length));
   return parts.length ? parts.join(" · ") : "ran";
 }
@@ -174,7 +243,7 @@ export function kindOf(technique, stats) {
   const t = String(technique || "");
   if (t.includes("vae") || "tiles" in s) return "vae";
   if (["peak_vram_bytes", "bytes_moved", "gbps", "peak_memory_bytes"].some((k) => k in s)) return "memory";
-  if (t.includes("offload") || t.includes("cast")) return "memory";
+  if (t.includes("offload") || t.includes("cast") || t.includes("placement")) return "memory";
   if ("hits" in s || "steps_cached" in s || "shallow_calls" in s || t.includes("cache") || t === "tgate") return "cache";
   return "other";
 }
@@ -188,7 +257,7 @@ export function badgeLines(runs, maxRuns = 3) {
     // a node inside a subgraph goes by its own title on the subgraph node (it names the technique)
     const who = run.inner || techniqueLabel(run.technique);
     const count = runs.length > 1 ? ` (run ${i + 1})` : "";
-    lines.push(`${who}${count}: ${summarize(run.stats)}`);
+    lines.push(`${who}${count}: ${summarize(run.stats, run.technique)}`);
   });
   if (runs.length > maxRuns) lines.push(`+${runs.length - maxRuns} more run${runs.length - maxRuns === 1 ? "" : "s"}`);
   return lines;

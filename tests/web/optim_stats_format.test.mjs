@@ -100,3 +100,48 @@ test("execution ids resolve through subgraphs, outermost node first", () => {
   assert.equal(resolveExecutionId(root, ""), null);
   assert.equal(resolveExecutionId(null, "7"), null);
 });
+
+test("group offload: peak VRAM, bytes moved, GB/s, groups and transfers", () => {
+  const stats = { peak_vram_bytes: 3.5 * 2 ** 30, bytes_moved: 12 * 2 ** 30, gbps: 11.26, groups: 24,
+    transfers: 480, calls: 20, prefetch_hits: 460, resident_bytes: 2 ** 30, gb_moved: 12.9 };
+  assert.equal(summarize(stats, "group_offload"), "peak 3.50 GiB · moved 12.0 GiB · 11.3 GB/s · 24 groups, 480 transfers");
+  assert.deepEqual(badgeLines([{ technique: "group_offload", stats }]),
+    ["Group offload: peak 3.50 GiB · moved 12.0 GiB · 11.3 GB/s · 24 groups, 480 transfers"]);
+  assert.equal(kindOf("group_offload", stats), "memory");
+  // on a CPU (no VRAM peak, no rate) and with the older key set (groups_streamed)
+  assert.equal(summarize({ peak_vram_bytes: null, bytes_moved: 3 * 2 ** 20, gbps: null, groups_streamed: 3,
+    transfers: 27, resident_bytes: -482400 }, "group_offload"), "moved 3.00 MiB · 3 groups, 27 transfers");
+  assert.equal(summarize({ bytes_moved: 0, groups: 0, transfers: 0, peak_vram_bytes: 2 ** 30 }, "group_offload"),
+    "peak 1.00 GiB · nothing streamed (fits)");
+  assert.deepEqual(detailRows({ bytes_moved: 2048, gb_moved: 0.5 }), [["bytes moved", "2.00 KiB"], ["gb moved", "0.50 GiB"]]);
+});
+
+test("OptimVAE: tiles and their size, passes, peak memory", () => {
+  const stats = { tiles: 16, tile_size: 512, passes: 1, peak_memory_bytes: 700 * 2 ** 20 };
+  assert.equal(summarize(stats, "vae"), "16 tiles of 512 px · peak 700 MiB");
+  assert.equal(summarize({ ...stats, passes: 2 }, "vae"), "16 tiles of 512 px · 2 passes · peak 700 MiB");
+  assert.equal(summarize({ tiles: 1, tile_size: 512, passes: 1, peak_memory_bytes: 2 ** 30 }, "vae"), "not tiled · peak 1.00 GiB");
+  assert.equal(kindOf("vae", stats), "vae");
+  assert.deepEqual(badgeLines([{ technique: "vae", stats }]), ["VAE: 16 tiles of 512 px · peak 700 MiB"]);
+  assert.deepEqual(detailRows({ tile_size: 256 }), [["tile size", "256 px"]]);
+});
+
+test("layerwise cast: layers in fp8 and kept, weight bytes before and after", () => {
+  const stats = { layers_cast: 412, layers_kept: 37, weight_bytes_before: 4.8 * 2 ** 30, weight_bytes_after: 2.4 * 2 ** 30 };
+  assert.equal(summarize(stats, "layerwise_cast"), "412 layers fp8, 37 kept · weights 4.80 GiB → 2.40 GiB (−50%)");
+  assert.deepEqual(badgeLines([{ technique: "layerwise_cast", stats }]),
+    ["fp8 cast: 412 layers fp8, 37 kept · weights 4.80 GiB → 2.40 GiB (−50%)"]);
+  assert.equal(kindOf("layerwise_cast", stats), "memory");
+  // the plan's own keys (cast_layers, skipped_layers, saved_mb) read the same way
+  assert.equal(summarize({ cast_layers: 20, skipped_layers: 17, saved_mb: 4.48 }, "layerwise_cast"),
+    "20 layers fp8, 17 kept · saved 4.48 MiB");
+  assert.deepEqual(detailRows({ weight_bytes_after: 1536 }), [["weight bytes after", "1.50 KiB"]]);
+});
+
+test("device placement: bytes per device or the device names, then the memory keys", () => {
+  const stats = { devices: { "cuda:0": 10 * 2 ** 30, "cuda:1": 9.5 * 2 ** 30 }, peak_vram_bytes: 11 * 2 ** 30 };
+  assert.equal(summarize(stats, "device_placement"), "cuda:0 10.0 GiB, cuda:1 9.50 GiB · peak 11.0 GiB");
+  assert.equal(summarize({ devices: ["cuda:0", "cpu"], bytes_moved: 2 ** 20 }, "device_placement"), "cuda:0, cpu · moved 1.00 MiB");
+  assert.equal(techniqueLabel("device_placement"), "Device placement");
+  assert.equal(kindOf("device_placement", {}), "memory");
+});
