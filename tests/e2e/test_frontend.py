@@ -95,7 +95,8 @@ READ_BADGES = """async ({ container, deepcache }) => {
 }""" % PACK_NAME
 
 
-def test_pack_nodes_show_their_run_stats_after_a_run(server, browser, tmp_path):
+def open_page(server, browser):
+    """The ComfyUI page, ready, and the list its errors go to from then on."""
     page = browser.new_page(viewport={"width": 1500, "height": 760})
     page_errors = []
     page.on("pageerror", lambda e: page_errors.append(f"{e}\n{e.stack}"))
@@ -112,6 +113,11 @@ def test_pack_nodes_show_their_run_stats_after_a_run(server, browser, tmp_path):
     # frontend 1.27.10 itself throws once while registering its core settings (also without the
     # pack: "reading 'id'" in settingStore.addSetting); what counts is every error from here on
     page_errors.clear()
+    return page, page_errors
+
+
+def test_pack_nodes_show_their_run_stats_after_a_run(server, browser, tmp_path):
+    page, page_errors = open_page(server, browser)
     ids = page.evaluate(OPEN_AND_QUEUE, example_graph(server))
     page.wait_for_function("() => window.__optim.done.length || window.__optim.errors.length", timeout=120_000)
     assert page.evaluate("window.__optim.errors") == []
@@ -162,4 +168,48 @@ def test_pack_nodes_show_their_run_stats_after_a_run(server, browser, tmp_path):
     page.evaluate("async () => { window.__optim.done = []; await window.comfyAPI.app.app.queuePrompt(0, 1); }")
     page.wait_for_function("() => window.__optim.done.length || window.__optim.errors.length", timeout=60_000)
     assert page.evaluate("(id) => window.comfyAPI.app.app.graph.getNodeById(id).optimRuns", ids["deepcache"]) is None
+    page.close()
+
+
+VIDEO_STACK = "video-fp8-offload-ditcache-wan21"
+
+QUEUE_AND_READ = """async (graph) => {
+  const app = window.comfyAPI.app.app, api = window.comfyAPI.api.api;
+  await app.loadGraphData(graph, true, true, "optim-memory-badges-test");
+  const done = new Promise((resolve) => {
+    api.addEventListener("execution_success", () => resolve(null));
+    api.addEventListener("execution_error", (e) => resolve(e.detail.exception_message));
+  });
+  await app.queuePrompt(0, 1);
+  const error = await done;
+  const fmt = await import("/extensions/%s/optim_stats_format.js");
+  const badge = (type) => {
+    const node = app.graph.nodes.find((n) => n.type === type);
+    return { techniques: (node.optimRuns || []).map((r) => r.technique), lines: fmt.badgeLines(node.optimRuns || []) };
+  };
+  return { error, offload: badge("OptimGroupOffload"), cache: badge("OptimDiTCache") };
+}""" % PACK_NAME
+
+
+def test_memory_node_badges_in_the_video_stack(server, browser):
+    """The fp8 + group offload + DiT cache example on the factory's Wan model: the offload node's
+    badge says what it streamed, the cache's what it reused."""
+    api = wf.swap_in_factory_models(wf.api_workflows()[VIDEO_STACK], "wan21")
+    for node in api.values():
+        if node["class_type"] == "EmptyHunyuanLatentVideo":
+            node["inputs"].update(width=64, height=64, length=5)
+        if node["class_type"] == "KSampler":
+            node["inputs"].update(steps=6, seed=1234)     # a prompt no other test ran (no cached outputs)
+        if node["class_type"] == "OptimGroupOffload":
+            node["inputs"]["vram_budget_gb"] = 0.0        # the tiny model would fit: stream it all
+        if node["class_type"] == "OptimDiTCache":
+            node["inputs"].update(cache_block_start=0, threshold=1.0)
+    page, page_errors = open_page(server, browser)
+    got = page.evaluate(QUEUE_AND_READ, wf.api_to_ui(api, server.get("/object_info"), wf.notes()[VIDEO_STACK]))
+    assert got["error"] is None, got["error"]
+    assert got["offload"]["techniques"] == ["group_offload"]
+    line = got["offload"]["lines"][0]
+    assert line.startswith("Group offload: moved ") and " groups, " in line and "transfers" in line, line
+    assert got["cache"]["techniques"] == ["ditcache"] and "steps reused" in got["cache"]["lines"][0]
+    assert not page_errors, page_errors
     page.close()
