@@ -213,3 +213,40 @@ def test_memory_node_badges_in_the_video_stack(server, browser):
     assert got["cache"]["techniques"] == ["ditcache"] and "steps reused" in got["cache"]["lines"][0]
     assert not page_errors, page_errors
     page.close()
+
+
+OPEN_TEMPLATES = """async (names) => {
+  const app = window.comfyAPI.app.app;
+  const out = {};
+  for (const name of names) {
+    // what the template browser does: fetch the pack's file, open it, then queueing converts it
+    const graph = await (await fetch(`/api/workflow_templates/%s/${name}.json`)).json();
+    await app.loadGraphData(graph, true, true, name);
+    const { output } = await app.graphToPrompt();
+    out[name] = { prompt: output, notes: app.graph.nodes.filter((n) => n.type === "Note").map((n) => n.widgets[0].value) };
+  }
+  return out;
+}""" % PACK_NAME
+
+
+def test_every_template_opens_in_the_frontend_as_its_api_form(server, browser):
+    """Each workflow the template browser offers, opened by the real frontend and converted to a
+    prompt as Queue does, is its API form (the same nodes, links and widget values), and shows its
+    note. Inputs the API form leaves out may come back with their defaults."""
+    names = sorted(wf.api_workflows())
+    page, page_errors = open_page(server, browser)
+    got = page.evaluate(OPEN_TEMPLATES, names)
+    for name in names:
+        api = wf.api_workflows()[name]
+        ui_id = {key: str(i + 1) for i, key in enumerate(api)}
+        prompt = got[name]["prompt"]
+        assert sorted(prompt, key=int) == sorted(ui_id.values(), key=int), name
+        for key, node in api.items():
+            converted = prompt[ui_id[key]]
+            assert converted["class_type"] == node["class_type"], (name, key)
+            for input_name, value in node["inputs"].items():
+                expected = [ui_id[value[0]], value[1]] if isinstance(value, list) else value
+                assert converted["inputs"].get(input_name) == expected, (name, key, input_name)
+        assert got[name]["notes"] == [wf.notes()[name]], name
+    assert not page_errors, page_errors
+    page.close()

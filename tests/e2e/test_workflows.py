@@ -8,6 +8,7 @@ import pytest
 
 from optim import metrics
 from bench import workflow_format as wf
+from bench.comfy_env import PACK_NAME
 from bench.server import collect_events, execution_error, read_images
 
 # what each pack node logs when it did its work in a run (searched in the log of that run only)
@@ -89,6 +90,16 @@ def test_the_stacks_people_want_are_there():
         api = wf.api_workflows()[name]
         assert wf.family_of(api) == family, name
         assert nodes <= {n["class_type"] for n in api.values()}, name
+
+
+def test_the_template_browser_serves_every_workflow(server):
+    """ComfyUI lists the pack's workflows/*.json as templates (the API forms in workflows/api/ are
+    not listed) and serves each file as it is in the repository."""
+    listed = server.get("/workflow_templates")[PACK_NAME]
+    assert sorted(listed) == sorted(NAMES)
+    for name in NAMES:
+        served = server.get(f"/api/workflow_templates/{PACK_NAME}/{name}.json")
+        assert served == json.loads((wf.WORKFLOWS / f"{name}.json").read_text()), name
 
 
 @pytest.mark.parametrize("name", NAMES)
