@@ -17,7 +17,7 @@ STATS_LINE = {"OptimDeepCache": r"DeepCache \(interval \d+, branch \d+, \S+\): \
               "OptimDiTCache": r"DiT cache \((fixed|adaptive), blocks \d+\.\.\d+ of \d+\): [1-9]\d* of \d+ calls reused",
               "OptimDiTCacheSearch": r"DiT cache \((fixed|adaptive), blocks \d+\.\.\d+ of \d+\): [1-9]\d* of \d+ calls reused",
               "OptimGroupOffload": r"Group offload \(block_level, \d+ per group, streams \w+\): [1-9]\d* groups streamed",
-              "OptimLayerwiseCast": r"OptimLayerwiseCast on \w+ \(\w+\): \{'cast_layers': [1-9]"}
+              "OptimLayerwiseCast": r"OptimLayerwiseCast on \w+ \(\w+\):.*\b(cast_layers|layers_cast)\W+[1-9]"}
 # where a node's line must come after: the search's own trial runs log cache lines too, the
 # sampling with the configuration it found comes after its report
 AFTER = {"OptimDiTCacheSearch": "configurations sampled"}
