@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import time
 import weakref
 from dataclasses import dataclass, field
 
@@ -189,6 +190,19 @@ class Mover:
         self.low_cpu_mem_usage = low_cpu_mem_usage
         self.pinned: dict[tuple[str, str], tuple[int, int, torch.Tensor]] = {}
         self.pinned_bytes = 0
+        # time spent copying: seconds of synchronous copies, (start, end) CUDA events of the rest
+        self.copy_seconds = 0.0
+        self.copy_events: list[tuple] = []
+
+    def take_copy_seconds(self) -> float:
+        """Seconds spent in copies since the last call (waits for the copies still queued)."""
+        total = self.copy_seconds
+        for start, end in self.copy_events:
+            end.synchronize()
+            total += start.elapsed_time(end) / 1000.0
+        self.copy_seconds = 0.0
+        self.copy_events = []
+        return total
 
     def _source(self, key, t: torch.Tensor, staging: list) -> torch.Tensor:
         if not self.cuda or t.device.type != "cpu":
@@ -219,9 +233,16 @@ class Mover:
         nbytes = sum(s.nelement() * s.element_size() for s in sources)
         if self.stream is None:
             if self.cuda:
+                t0 = torch.cuda.Event(enable_timing=True)
+                t0.record()
                 tensors = [s.to(self.device, non_blocking=s.is_pinned(), copy=True) for s in sources]
+                t1 = torch.cuda.Event(enable_timing=True)
+                t1.record()
+                self.copy_events.append((t0, t1))
             else:
+                t0 = time.perf_counter()
                 tensors = [s.to(self.device, copy=True) for s in sources]
+                self.copy_seconds += time.perf_counter() - t0
             return _Flight(tensors, nbytes, None, staging)
         current = torch.cuda.current_stream(self.device)
         if self.record_stream:
@@ -235,10 +256,13 @@ class Mover:
             tensors = [torch.empty_like(s, device=self.device) for s in sources]
             self.stream.wait_stream(current)
         with torch.cuda.stream(self.stream):
+            t0 = torch.cuda.Event(enable_timing=True)
+            t0.record(self.stream)
             for dst, src in zip(tensors, sources):
                 dst.copy_(src, non_blocking=True)
-            event = torch.cuda.Event()
+            event = torch.cuda.Event(enable_timing=True)
             event.record(self.stream)
+            self.copy_events.append((t0, event))
         return _Flight(tensors, nbytes, event, staging)
 
     def finish(self, flight: _Flight) -> list[torch.Tensor]:
@@ -272,13 +296,20 @@ class OffloadStats:
     peak_inflight_bytes: int = 0    # largest amount of streamed weights on the device at once
     resident_bytes: int = 0         # ComfyUI's accounting of loaded weights after the budget
     disk_bytes: int = 0             # offloaded weights held in files instead of RAM
+    copy_seconds: float = 0.0       # time the copies took (CUDA events on a GPU, wall time elsewhere)
+    peak_vram_bytes: int | None = None   # torch.cuda.max_memory_allocated over the run; None off CUDA
     per_group: collections.Counter = field(default_factory=collections.Counter)  # transfers by group name
 
     def as_dict(self) -> dict:
         d = {k: getattr(self, k) for k in ("calls", "groups_streamed", "streamed_bytes_per_pass", "transfers",
                                            "bytes_moved", "sync_loads", "prefetch_hits", "prefetch_wasted",
-                                           "peak_inflight_bytes", "resident_bytes", "disk_bytes")}
+                                           "peak_inflight_bytes", "resident_bytes", "disk_bytes",
+                                           "peak_vram_bytes")}
         d["gb_moved"] = round(self.bytes_moved / GIB, 3)
+        d["groups"] = self.groups_streamed
+        d["copy_seconds"] = round(self.copy_seconds, 6)
+        # achieved transfer rate (decimal GB/s, as bandwidths are quoted); None without copies
+        d["gbps"] = round(self.bytes_moved / self.copy_seconds / 1e9, 3) if self.copy_seconds > 0 else None
         return d
 
 
@@ -489,6 +520,8 @@ class GroupOffload:
                     self.boundary_owner = None
                     if self.install is not None:
                         self.install.end_call()
+                    if self.mover is not None:
+                        self.stats.copy_seconds += self.mover.take_copy_seconds()
                     self.last_stats = self.stats.as_dict()   # no sampling run here: totals so far
             return hook
         for _name, child in root.named_children():
@@ -574,11 +607,20 @@ class GroupOffload:
                                   streamed_bytes_per_pass=self.stats.streamed_bytes_per_pass)
         if self.install is not None:
             self.install.stats = self.stats
+        cuda_device = self.mover.device if self.mover is not None and self.mover.cuda else None
+        if cuda_device is not None:
+            torch.cuda.reset_peak_memory_stats(cuda_device)
+        if self.mover is not None:
+            self.mover.take_copy_seconds()     # copies of an earlier run or of a VAE call belong elsewhere
         self.run_active = True
         try:
             return executor(*args, **kwargs)
         finally:
             self.run_active = False
+            if self.mover is not None:
+                self.stats.copy_seconds = self.mover.take_copy_seconds()
+            if cuda_device is not None:
+                self.stats.peak_vram_bytes = torch.cuda.max_memory_allocated(cuda_device)
             stats = self.stats.as_dict()
             if self.mover is not None:
                 stats["pinned_gb"] = round(self.mover.pinned_bytes / GIB, 3)
