@@ -2,6 +2,7 @@
 from comfy_api.latest import ComfyExtension, io
 
 from .deepcache import OptimDeepCache
+from .device_placement import OptimDevicePlacement
 from .ditcache import OptimDiTCache, OptimDiTCacheConfig, OptimDiTCacheLoad, OptimDiTCacheSearch
 from .group_offload import OptimGroupOffload, OptimGroupOffloadCLIP, OptimGroupOffloadVAE
 from .layerwise_cast import OptimLayerwiseCast, OptimLayerwiseCastCLIP
@@ -12,7 +13,7 @@ from .vae import OptimVAE
 
 NODES: list[type[io.ComfyNode]] = [
     OptimNoop, OptimDeepCache, OptimTGate, OptimDiTCache, OptimDiTCacheSearch, OptimDiTCacheLoad, OptimDiTCacheConfig,
-    OptimGroupOffload, OptimGroupOffloadVAE, OptimGroupOffloadCLIP,
+    OptimGroupOffload, OptimGroupOffloadVAE, OptimGroupOffloadCLIP, OptimDevicePlacement,
     OptimLayerwiseCast, OptimLayerwiseCastCLIP, OptimVAE, OptimAttentionBackend, OptimChannelsLast]
 
 
