@@ -438,6 +438,10 @@ class DevicePlacement:
         self.stats.moved_bytes = moved
         self.stats.units_placed = len(self.plan.placed())
         self.stats.installs += 1
+        per = self.plan.bytes_per_device()
+        log.info("Device placement: %d units hooked, %d away from %s; weights per device: %s",
+                 len(self.plan.hooked()), self.stats.units_placed, main,
+                 ", ".join(f"{d} {b / 1e9:.3f} GB" for d, b in per.items()))
 
     def eject(self, patcher) -> None:
         for h in self.handles:

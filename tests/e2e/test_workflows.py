@@ -11,7 +11,8 @@ from bench.server import execution_error, read_images
 STATS_LINE = {"OptimDeepCache": r"DeepCache \(interval \d+, branch \d+, \S+\): \d+ full and \d+ shallow",
               "OptimTGate": r"T-GATE \(gate step \d+ of \d+\): cross-attention computed \d+, reused [1-9]",
               "OptimDiTCache": r"DiT cache \(fixed, blocks \d+\.\.\d+ of \d+\): [1-9]\d* of \d+ calls reused",
-              "OptimGroupOffload": r"Group offload \(block_level, \d+ per group, streams \w+\): [1-9]\d* groups streamed"}
+              "OptimGroupOffload": r"Group offload \(block_level, \d+ per group, streams \w+\): [1-9]\d* groups streamed",
+              "OptimDevicePlacement": r"Device placement: [1-9]\d* units hooked"}
 # the search workflow saves the configuration the load workflow reads: run it first
 ORDER = {"ditcache-search-sd35": 0}
 NAMES = sorted(wf.api_workflows(), key=lambda n: (ORDER.get(n, 1), n))
@@ -49,6 +50,7 @@ def test_there_is_a_workflow_for_each_technique_node():
             "OptimChannelsLast"} <= used
     assert set(NAMES) <= set(wf.notes())
     assert "OptimGroupOffload" in used
+    assert "OptimDevicePlacement" in used
 
 
 @pytest.mark.parametrize("name", NAMES)
