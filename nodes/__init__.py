@@ -7,6 +7,7 @@ from .ditcache import OptimDiTCache, OptimDiTCacheConfig, OptimDiTCacheLoad, Opt
 from .group_offload import OptimGroupOffload, OptimGroupOffloadCLIP, OptimGroupOffloadVAE
 from .layerwise_cast import OptimLayerwiseCast, OptimLayerwiseCastCLIP
 from .noop import OptimNoop
+from .sharded import OptimLoadShardedModel, OptimSaveModelShards
 from .speed import OptimAttentionBackend, OptimChannelsLast
 from .tgate import OptimTGate
 from .vae import OptimVAE
@@ -14,6 +15,7 @@ from .vae import OptimVAE
 NODES: list[type[io.ComfyNode]] = [
     OptimNoop, OptimDeepCache, OptimTGate, OptimDiTCache, OptimDiTCacheSearch, OptimDiTCacheLoad, OptimDiTCacheConfig,
     OptimGroupOffload, OptimGroupOffloadVAE, OptimGroupOffloadCLIP, OptimDevicePlacement,
+    OptimLoadShardedModel, OptimSaveModelShards,
     OptimLayerwiseCast, OptimLayerwiseCastCLIP, OptimVAE, OptimAttentionBackend, OptimChannelsLast]
 
 
