@@ -296,6 +296,7 @@ class OffloadStats:
     peak_inflight_bytes: int = 0    # largest amount of streamed weights on the device at once
     resident_bytes: int = 0         # ComfyUI's accounting of loaded weights after the budget
     disk_bytes: int = 0             # offloaded weights held in files instead of RAM
+    disk_file_backed_bytes: int = 0  # of which read back from the model's own safetensors files
     copy_seconds: float = 0.0       # time the copies took (CUDA events on a GPU, wall time elsewhere)
     peak_vram_bytes: int | None = None   # torch.cuda.max_memory_allocated over the run; None off CUDA
     per_group: collections.Counter = field(default_factory=collections.Counter)  # transfers by group name
@@ -304,7 +305,7 @@ class OffloadStats:
         d = {k: getattr(self, k) for k in ("calls", "groups_streamed", "streamed_bytes_per_pass", "transfers",
                                            "bytes_moved", "sync_loads", "prefetch_hits", "prefetch_wasted",
                                            "peak_inflight_bytes", "resident_bytes", "disk_bytes",
-                                           "peak_vram_bytes")}
+                                           "disk_file_backed_bytes", "peak_vram_bytes")}
         d["gb_moved"] = round(self.bytes_moved / GIB, 3)
         d["groups"] = self.groups_streamed
         d["copy_seconds"] = round(self.copy_seconds, 6)
@@ -495,7 +496,8 @@ class GroupOffload:
         if not streamed:
             return
         if self.params.offload_to_disk:
-            self._to_disk(streamed)
+            self._to_disk(streamed, patcher.get_attachment(disk_offload.SOURCES_KEY)
+                          if self.target == "diffusion" and hasattr(patcher, "get_attachment") else None)
         if self.mover is None or self.mover.device != torch.device(patcher.load_device):
             # weights on disk are pinned per transfer: a pinned copy would hold them in RAM again
             self.mover = Mover(patcher.load_device, self.params.use_stream, self.params.record_stream,
@@ -535,19 +537,32 @@ class GroupOffload:
         self.boundary_handles.clear()
         self.boundary_owner = None
 
-    def _to_disk(self, streamed: list[Group]) -> None:
-        """Move the RAM storage of the streamed layers to a file (layers already there stay)."""
+    def _to_disk(self, streamed: list[Group], sources: dict | None = None) -> None:
+        """Move the RAM storage of the streamed layers to disk (layers already there stay): mapped
+        from the model's own safetensors file where the weight is byte for byte the file's
+        (`sources`: key -> (file, name in file), set by the sharded loader), else written once to a
+        content-keyed file under ComfyUI's temp directory."""
         there = disk_offload.pointers(self.stores)
         todo = [(f"{path}.{pname}", p) for g in streamed for path, m in g.leaves
                 for pname, p in m._parameters.items()
                 if p is not None and p.device.type == "cpu" and p.data_ptr() not in there]
         unused = [s for s in self.stores if not s.in_use()]   # ComfyUI moved their layers since
+        if todo and sources:
+            from_file = [(name, p, *sources[name]) for name, p in todo if name in sources]
+            if from_file:
+                store = disk_offload.FileBackedStore(from_file)
+                if store.views:
+                    self.stores.append(store)
+                taken = {name for name, *_ in from_file} - set(store.rejected)
+                todo = [(name, p) for name, p in todo if name not in taken]
         if todo:
             self.stores.append(disk_offload.DiskStore(todo))
         for store in unused:     # after the write: identical content keeps its folder
             self.stores.remove(store)
             store.release()
         self.stats.disk_bytes = sum(s.nbytes for s in self.stores)
+        self.stats.disk_file_backed_bytes = sum(s.nbytes for s in self.stores
+                                                if isinstance(s, disk_offload.FileBackedStore))
 
     def eject(self, patcher) -> None:
         if self.enforcing:
@@ -603,6 +618,7 @@ class GroupOffload:
 
     def outer_sample(self, executor, *args, **kwargs):
         self.stats = OffloadStats(resident_bytes=self.stats.resident_bytes, disk_bytes=self.stats.disk_bytes,
+                                  disk_file_backed_bytes=self.stats.disk_file_backed_bytes,
                                   groups_streamed=self.stats.groups_streamed,
                                   streamed_bytes_per_pass=self.stats.streamed_bytes_per_pass)
         if self.install is not None:

@@ -289,6 +289,7 @@ def load_sharded(folder: Path, dtype: torch.dtype | None = None, on_shard=None):
     destinations.update(dict(dm.named_buffers()))
     written: set[str] = set()
     unexpected: list[str] = []
+    sources: dict[str, tuple[str, str]] = {}
 
     with torch.no_grad():
         for i, (path, keys) in enumerate(sharded.shards):
@@ -312,7 +313,8 @@ def load_sharded(folder: Path, dtype: torch.dtype | None = None, on_shard=None):
                         written.add(dst)
                         continue
                     # the family's own per-key processing (renames, splits), as load_model_weights does
-                    for key, value in config.process_unet_state_dict({dst: tensor}).items():
+                    processed = config.process_unet_state_dict({dst: tensor})
+                    for key, value in processed.items():
                         dest = destinations.get(key)
                         if dest is None:
                             unexpected.append(src)
@@ -320,7 +322,9 @@ def load_sharded(folder: Path, dtype: torch.dtype | None = None, on_shard=None):
                         _check_shape(src, value, dest)
                         dest.copy_(value)
                         written.add(key)
-                    del tensor
+                        if value is tensor and dest.dtype == tensor.dtype:
+                            sources[key] = (str(path), src)      # the file holds this weight as is
+                    del tensor, processed
             if on_shard is not None:
                 on_shard(i, path)
     param_names = {k for k, _ in dm.named_parameters()}
@@ -332,6 +336,10 @@ def load_sharded(folder: Path, dtype: torch.dtype | None = None, on_shard=None):
         log.info("sharded load of %s: %d tensors not used: %s", sharded.path.name, len(unexpected),
                  ", ".join(unexpected[:8]))
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+    # where each weight can be read back from unchanged (group offload's disk mode maps it instead
+    # of writing a copy; it checks the bytes again before relying on it)
+    from .disk_offload import SOURCES_KEY
+    patcher.set_attachments(SOURCES_KEY, sources)
     patcher.sharded_info = {"layout": conv.layout, "shards": len(sharded.shards), "missing": len(missing),
                             "unexpected": len(unexpected)}
     return patcher
