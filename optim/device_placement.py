@@ -13,8 +13,10 @@ How it lives inside ComfyUI (official extension points only):
   then moves the weights of each unit mapped elsewhere to that device, and moves them back on
   eject. So ComfyUI's loads cannot collapse the model onto one device: every load is followed by
   the placement, and ComfyUI always finds its weights where it left them. Layers ComfyUI left
-  off the device (low-VRAM layers, cast per call) are not moved: ComfyUI's cast brings their
-  weights to wherever the unit's input is, LoRA patches included.
+  off its device (low-VRAM layers, cast per call to the device of their input) move with their
+  unit too: on the unit's device ComfyUI's cast finds them in place and only applies LoRA patches,
+  so a model larger than the first GPU still runs from the second GPU's memory rather than being
+  streamed from the CPU.
 - Forward pre-hooks move a unit's tensor inputs to its device; forward hooks move its outputs back
   to the main (load) device. The model's own code between units (residual sums, the UNet's skip
   concatenation, ControlNet additions, other packs' patches) therefore only ever sees tensors on
@@ -384,12 +386,6 @@ def move_tree(obj, device, transfer: Callable = _to):
     return obj
 
 
-def _comfy_left_offloaded(m: torch.nn.Module) -> bool:
-    # a ComfyUI low-VRAM layer: its weights stay where ComfyUI keeps them and are cast per call to
-    # the device of the input, which our pre-hook makes the unit's device
-    return bool(getattr(m, "comfy_cast_weights", False)) and not getattr(m, "comfy_patched_weights", False)
-
-
 @dataclass
 class PlacementStats:
     moved_bytes: int = 0          # weights moved to other devices by the last injection
@@ -420,12 +416,11 @@ class DevicePlacement:
             if unit is None:
                 continue        # the model changed under the plan: leave it where ComfyUI put it
             for m in unit.module.modules():
-                if not _comfy_left_offloaded(m):
-                    for name, p in m._parameters.items():
-                        if p is not None:
-                            self.moved.append((m, "param", name, p.device))
-                            moved += p.nelement() * p.element_size()
-                            p.data = self.transfer(p.data, dev)
+                for name, p in m._parameters.items():
+                    if p is not None:
+                        self.moved.append((m, "param", name, p.device))
+                        moved += p.nelement() * p.element_size()
+                        p.data = self.transfer(p.data, dev)
                 for name, b in m._buffers.items():
                     if b is not None:
                         self.moved.append((m, "buffer", name, b.device))

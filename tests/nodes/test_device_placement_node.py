@@ -154,3 +154,32 @@ def test_errors(node, unet):
         apply(node, unet, strategy="custom", device_map="input_blocks.1.0.in_layers: cpu")
     with pytest.raises(ValueError, match="does not fit"):
         apply(node, unet, strategy="balanced", max_memory='{"cpu": "1KB"}')
+
+
+def test_low_vram_layers_move_with_their_unit_and_come_back(unet):
+    """ComfyUI left layers in low-VRAM mode (weights off its device, cast per call): in a placed
+    unit they run from the unit's device too, and are back where ComfyUI keeps them afterwards."""
+    import comfy.model_management as mm
+    import comfy.patcher_extension as pe
+    ref = sample(unet)
+    mapping = {"input_blocks.1": "fake:1", "output_blocks": "fake:1"}
+    plan = dp.plan_custom(dp.units_of(unet.model.diffusion_model), mapping, "cpu", ["cpu", "fake:1"])
+    patched = unet.clone()
+    ctl = dp.attach(patched, plan, transfer=fake_transfer)
+    seen = {}
+
+    def low_vram_after_load(executor, model, *args, **kwargs):
+        out = executor(model, *args, **kwargs)
+        model.partially_unload(model.offload_device, model.loaded_size())      # everything low-VRAM
+        leaf = model.model.diffusion_model.input_blocks[1][0].in_layers[2]
+        seen["cast"], seen["dtype"] = leaf.comfy_cast_weights, leaf.weight.dtype
+        return out
+    patched.add_wrapper_with_key(pe.WrappersMP.PREPARE_SAMPLING, "test", low_vram_after_load)
+    with NoMixing():
+        out = sample(patched)
+    assert seen == {"cast": True, "dtype": FAKE}
+    torch.testing.assert_close(out, ref, rtol=2e-3, atol=2e-3)
+    assert ctl.stats.moved_bytes == sum(plan.nbytes[p] for p in plan.placed())
+    mm.unload_all_models()
+    assert all(p.dtype == torch.float32 for p in unet.model.parameters())
+    assert torch.equal(sample(unet), ref)

@@ -254,16 +254,6 @@ def test_without_output_hooks_the_fake_device_is_caught():
         m(torch.randn(3, 8))
 
 
-def test_low_vram_layers_are_left_to_comfy_cast():
-    m = toy()
-    m.blocks[0].a.comfy_cast_weights = True          # as ComfyUI marks a layer it left offloaded
-    ctl = dp.DevicePlacement(_fake_plan(m, {"blocks.0": "fake:1"}), transfer=fake_transfer)
-    ctl.inject(patcher_of(m))
-    assert m.blocks[0].a.weight.dtype == torch.float32 and m.blocks[0].b.weight.dtype == FAKE
-    ctl.eject(patcher_of(m))
-    assert m.blocks[0].b.weight.dtype == torch.float32
-
-
 def test_parameters_keep_identity_and_a_replaced_parameter_goes_back_too():
     m = toy()
     before = {k: p for k, p in m.named_parameters()}
