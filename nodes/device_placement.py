@@ -67,8 +67,16 @@ class OptimDevicePlacement(io.ComfyNode):
     @classmethod
     def execute(cls, model, strategy="balanced", device_map="", max_memory="") -> io.NodeOutput:
         dm = model.get_model_object("diffusion_model")
+        main = str(model.load_device)
+        main = f"{main}:0" if main in ("cuda", "xpu") else main
+        loaded = model.loaded_size()
+
+        def capacity(device):
+            # free memory now, plus what this model already holds on its load device (it is ours to plan)
+            free = dp.default_capacity(device)
+            return free + loaded if free is not None and device == main else free
         try:
-            plan = dp.make_plan(dm, strategy, device_map or "", max_memory or "", str(model.load_device))
+            plan = dp.make_plan(dm, strategy, device_map or "", max_memory or "", main, capacity=capacity)
         except dp.PlacementError as e:
             raise ValueError(f"OptimDevicePlacement: {e}") from None
         patched = model.clone()
