@@ -67,6 +67,10 @@ class OptimDevicePlacement(io.ComfyNode):
     @classmethod
     def execute(cls, model, strategy="balanced", device_map="", max_memory="") -> io.NodeOutput:
         dm = model.get_model_object("diffusion_model")
+        if strategy != "none" and not dp.units_of(dm):
+            log.warning("OptimDevicePlacement: %s (%s) has no layers to place; the model passes through unchanged",
+                        type(model.model).__name__, type(dm).__name__)
+            return io.NodeOutput(model, f"no placement: {type(dm).__name__} has no layers to place")
         main = str(model.load_device)
         main = f"{main}:0" if main in ("cuda", "xpu") else main
         loaded = model.loaded_size()

@@ -183,3 +183,20 @@ def test_low_vram_layers_move_with_their_unit_and_come_back(unet):
     mm.unload_all_models()
     assert all(p.dtype == torch.float32 for p in unet.model.parameters())
     assert torch.equal(sample(unet), ref)
+
+
+def test_unsupported_model_passes_through(node, caplog):
+    class Empty(torch.nn.Module):
+        pass
+
+    class Model:
+        model = SimpleNamespace()
+        load_device = torch.device("cpu")
+
+        def get_model_object(self, name):
+            return Empty()
+    m = Model()
+    with caplog.at_level("WARNING"):
+        out, text = apply(node, m, strategy="balanced")
+    assert out is m and "no layers to place" in text
+    assert "SimpleNamespace" in caplog.text and "Empty" in caplog.text
