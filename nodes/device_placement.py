@@ -5,6 +5,7 @@ import logging
 from comfy_api.latest import io
 
 from ..optim import device_placement as dp
+from ..optim import group_offload
 
 log = logging.getLogger("comfyui-optim")
 
@@ -83,6 +84,9 @@ class OptimDevicePlacement(io.ComfyNode):
             plan = dp.make_plan(dm, strategy, device_map or "", max_memory or "", main, capacity=capacity)
         except dp.PlacementError as e:
             raise ValueError(f"OptimDevicePlacement: {e}") from None
+        if strategy != "none" and model.get_injections(group_offload.KEY):
+            raise ValueError("OptimDevicePlacement: this model goes through OptimGroupOffload, which streams its "
+                             "layers to the load device; the two cannot share a model yet (use one of them)")
         patched = model.clone()
         removed = dp.detach(patched)
         if plan is None:

@@ -376,7 +376,8 @@ def _to(t: torch.Tensor, device) -> torch.Tensor:
 
 
 def move_tree(obj, device, transfer: Callable = _to):
-    """Tensors in obj (top level, tuples, lists, dicts of tensors) moved; anything else as is."""
+    """Tensors in obj (itself, or inside tuples and lists) moved; anything else (dicts such as
+    transformer_options, named tuples) as is."""
     if isinstance(obj, torch.Tensor):
         return transfer(obj, device)
     if isinstance(obj, tuple) and not hasattr(obj, "_fields"):

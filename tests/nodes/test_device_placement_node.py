@@ -200,3 +200,15 @@ def test_unsupported_model_passes_through(node, caplog):
         out, text = apply(node, m, strategy="balanced")
     assert out is m and "no layers to place" in text
     assert "SimpleNamespace" in caplog.text and "Empty" in caplog.text
+
+
+def test_refuses_to_share_a_model_with_group_offload(node, unet, comfy_nodes):
+    offload = comfy_nodes.NODE_CLASS_MAPPINGS["OptimGroupOffload"]
+    placed, _ = apply(node, unet, strategy="custom", device_map="out: cpu")
+    with pytest.raises(ValueError, match="cannot share a model"):
+        offload.execute(model=placed)
+    streamed = offload.execute(model=unet).result[0]
+    with pytest.raises(ValueError, match="cannot share a model"):
+        apply(node, streamed, strategy="balanced")
+    reset, _ = apply(node, placed, strategy="none")             # a reset placement composes again
+    assert offload.execute(model=reset).result[0] is not None
