@@ -23,10 +23,12 @@ How it lives inside ComfyUI (official extension points only):
   the main device. The price is two activation copies per placed unit and call, small next to
   the weights of a block.
 
-accelerate's `infer_auto_device_map` is not a dependency of this pack (and accelerate is not
-installed with ComfyUI); `plan_balanced` follows its `balanced` rule: units in execution order,
-split into contiguous runs of about equal size over the GPUs, each capped by `max_memory`, the
-rest on the CPU.
+Planning `balanced`: with accelerate installed, its `get_balanced_memory` and
+`infer_auto_device_map` plan (every unit class unsplittable), as diffusers does. accelerate is not
+a dependency of this pack (ComfyUI does not install it); without it `plan_balanced` follows the same
+rule: units in execution order, in contiguous runs of about equal size over the GPUs, each capped by
+`max_memory`, the rest on the CPU. (A unit on "cpu" computes on the CPU here; accelerate's own
+hooks would stream its weights to the GPU instead: OptimGroupOffload's job in this pack.)
 """
 from __future__ import annotations
 
@@ -216,6 +218,7 @@ class Plan:
     devices: dict[str, str]               # unit path -> device, every unit, execution order
     nbytes: dict[str, int] = field(default_factory=dict)   # unit path -> bytes
     explicit: frozenset = frozenset()    # units a custom map named (hooked even on the main device)
+    planner: str = "custom"              # "custom", "balanced" (ours) or "accelerate"
 
     def bytes_per_device(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -250,7 +253,7 @@ class Plan:
         return out
 
     def describe(self) -> str:
-        return json.dumps({"main_device": self.main_device,
+        return json.dumps({"main_device": self.main_device, "planner": self.planner,
                            "bytes_per_device": self.bytes_per_device(),
                            "device_map": self.compact()}, indent=1)
 
@@ -337,7 +340,52 @@ def plan_balanced(units: list[Unit], main_device: str, available: list[str],
                                      f"({', '.join(f'{d}: {cap[d] / 1e9:.3f} GB' for d in pool if cap[d] is not None)})")
         devices[u.path] = placed
         used[placed] += size
-    return Plan(main_device, devices, {u.path: u.nbytes for u in units})
+    return Plan(main_device, devices, {u.path: u.nbytes for u in units}, planner="balanced")
+
+
+def accelerate_available() -> bool:
+    try:
+        import accelerate  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def plan_accelerate(diffusion_model: torch.nn.Module, units: list[Unit], main_device: str, available: list[str],
+                    max_memory: dict[str, int] | None = None,
+                    capacity: Callable[[str], int | None] = default_capacity) -> Plan | None:
+    """The same `balanced` strategy planned by accelerate (`get_balanced_memory` then
+    `infer_auto_device_map`, with every unit class unsplittable), as diffusers does. None where
+    accelerate has nothing to add: no accelerate, no CUDA device in the pool, or devices it does
+    not name the way it expects (then `plan_balanced` plans)."""
+    if not accelerate_available():
+        return None
+    from accelerate import infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+    pool = [d for d in available if (not max_memory or d in max_memory)]
+    if not any(d.startswith("cuda:") for d in pool) or any(d != "cpu" and not d.startswith("cuda:") for d in pool):
+        return None
+    key = {d: (int(d.split(":")[1]) if d.startswith("cuda:") else d) for d in pool}
+    caps = {}
+    for d in pool:
+        c = max_memory[d] if max_memory and d in max_memory else capacity(d)
+        caps[key[d]] = c if c is not None else 2 ** 62
+    classes = sorted({type(u.module).__name__ for u in units})
+    balanced = get_balanced_memory(diffusion_model, max_memory=caps, no_split_module_classes=classes, low_zero=False)
+    amap = infer_auto_device_map(diffusion_model, max_memory=balanced, no_split_module_classes=classes)
+    name = {v: k for k, v in key.items()}
+    paths = [u.path for u in units]
+    devices = {}
+    for prefix, dev in amap.items():
+        if dev not in name:       # "disk": it does not fit the devices given
+            total = sum(u.nbytes for u in units)
+            raise PlacementError(f"the model ({total / 1e9:.3f} GB) does not fit the max_memory given")
+        for p in paths:
+            if prefix == "" or p == prefix or p.startswith(prefix + "."):
+                devices[p] = name[dev]
+    # parameters the model holds itself are not units: they stay on the main device
+    devices = {p: devices.get(p, main_device) for p in paths}
+    return Plan(main_device, devices, {u.path: u.nbytes for u in units}, planner="accelerate")
 
 
 def make_plan(diffusion_model: torch.nn.Module, strategy: str, device_map_text: str, max_memory_text: str,
@@ -365,6 +413,9 @@ def make_plan(diffusion_model: torch.nn.Module, strategy: str, device_map_text: 
         return plan_custom(units, mapping, main, available, max_memory)
     if mapping:
         raise PlacementError("device_map is only read with strategy 'custom' (clear it, or choose 'custom')")
+    planned = plan_accelerate(diffusion_model, units, main, available, max_memory, capacity)
+    if planned is not None:
+        return planned
     return plan_balanced(units, main, available, max_memory, capacity, fixed_bytes(diffusion_model))
 
 

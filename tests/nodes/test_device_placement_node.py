@@ -212,3 +212,18 @@ def test_refuses_to_share_a_model_with_group_offload(node, unet, comfy_nodes):
         apply(node, streamed, strategy="balanced")
     reset, _ = apply(node, placed, strategy="none")             # a reset placement composes again
     assert offload.execute(model=reset).result[0] is not None
+
+
+@pytest.mark.parametrize("fam", ["sd15", "flux"])
+def test_accelerate_plan_on_comfyui_models_when_installed(unet, flux, fam):
+    """accelerate's balanced plan on ComfyUI's UNet and Flux maps every unit (UNet containers split
+    into their children, blocks kept whole), in contiguous runs. Skipped without accelerate."""
+    pytest.importorskip("accelerate")
+    dm = (unet if fam == "sd15" else flux).model.diffusion_model
+    units = dp.units_of(dm)
+    plan = dp.plan_accelerate(dm, units, "cuda:0", ["cuda:0", "cuda:1", "cpu"], capacity=lambda d: None)
+    assert plan.planner == "accelerate" and list(plan.devices) == [u.path for u in units]
+    order = [["cuda:0", "cuda:1", "cpu"].index(d) for d in plan.devices.values()]
+    assert order == sorted(order) and {"cuda:0", "cuda:1"} <= set(plan.devices.values())
+    per = plan.bytes_per_device()
+    assert abs(per["cuda:0"] - per["cuda:1"]) < 0.5 * sum(per.values())

@@ -264,3 +264,36 @@ def test_parameters_keep_identity_and_a_replaced_parameter_goes_back_too():
     m.blocks[3].a.weight = torch.nn.Parameter(m.blocks[3].a.weight.data.clone(), requires_grad=False)
     ctl.eject(patcher_of(m))
     assert m.blocks[3].a.weight.dtype == torch.float32
+
+
+ORDER = {d: i for i, d in enumerate(DEVICES)}
+
+
+def test_accelerate_plans_balanced_when_installed():
+    """With accelerate importable, `balanced` is planned by its infer_auto_device_map (every unit
+    unsplittable): contiguous, over both GPUs, within max_memory. (accelerate is not installed with
+    ComfyUI, so CI usually skips this.)"""
+    pytest.importorskip("accelerate")
+    m = toy()
+    units = dp.units_of(m)
+    total = sum(u.nbytes for u in units)
+    no_cap = lambda d: None  # noqa: E731
+    plan = dp.plan_accelerate(m, units, "cuda:0", DEVICES, capacity=no_cap)
+    assert plan.planner == "accelerate" and set(plan.devices) == {u.path for u in units}
+    order = [ORDER[d] for d in plan.devices.values()]
+    assert order == sorted(order) and {"cuda:0", "cuda:1"} <= set(plan.devices.values())
+    cap = total // 3
+    plan = dp.plan_accelerate(m, units, "cuda:0", DEVICES, {"cuda:0": cap, "cpu": total}, capacity=no_cap)
+    per = plan.bytes_per_device()
+    assert per["cuda:0"] <= cap and per["cpu"] > 0 and "cuda:1" not in per
+    with pytest.raises(dp.PlacementError, match="does not fit"):
+        dp.plan_accelerate(m, units, "cuda:0", DEVICES, {"cuda:0": cap}, capacity=no_cap)
+    assert dp.plan_accelerate(m, units, "cpu", ["cpu"], capacity=no_cap) is None   # nothing to balance
+
+
+def test_without_accelerate_our_planner_plans(monkeypatch):
+    monkeypatch.setattr(dp, "accelerate_available", lambda: False)
+    m = toy()
+    assert dp.plan_accelerate(m, dp.units_of(m), "cuda:0", DEVICES) is None
+    plan = dp.make_plan(m, "balanced", "", "", "cuda:0", available=DEVICES, capacity=lambda d: None)
+    assert plan.planner == "balanced" and {"cuda:0", "cuda:1"} <= set(plan.devices.values())
