@@ -40,7 +40,6 @@ from typing import Callable
 
 import torch
 
-from . import dit_layout
 
 KEY = "comfyui-optim.device_placement"
 STRATEGIES = ("balanced", "custom", "none")

@@ -2,6 +2,7 @@
 shards (fused q/k/v split, the scale/shift swap) loads shard by shard into the same weights as
 ComfyUI's own whole-file load and samples bit-identically; save -> load round trip in ComfyUI's
 layout through both nodes; folder choice and input validation."""
+import json
 import shutil
 from pathlib import Path
 
@@ -106,7 +107,6 @@ def test_save_refuses_paths_outside_output_and_unsupported_layouts(nodes_, sd3):
 
 
 def test_bad_folder_contents_are_clear_errors(nodes_, diffusers_dir):
-    import json
     load, _save = nodes_
     bad = Path(diffusers_dir) / "broken"
     shutil.rmtree(bad, ignore_errors=True)
@@ -147,3 +147,17 @@ def test_group_offload_to_disk_reads_back_from_the_shards(comfy_nodes, tmp_path,
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "sd15").iterdir()} == stamp
     assert torch.equal(factory.sample(loaded, "sd15", steps=2, width=64, height=64),
                        factory.sample(unet, "sd15", steps=2, width=64, height=64))
+
+
+def test_save_node_in_diffusers_layout_loads_back(nodes_, sd3):
+    import folder_paths
+    _load, save = nodes_
+    rel = save.execute(model=sd3, filename_prefix="optim_test/sd3", max_shard_size="2MB", layout="diffusers").result[0]
+    folder = Path(folder_paths.get_output_directory()) / rel
+    index = json.loads((folder / sharded.INDEX_NAME).read_text())
+    assert "transformer_blocks.0.attn.to_q.weight" in index["weight_map"]
+    loaded = sharded.load_sharded(folder)
+    assert loaded.sharded_info["layout"] == "diffusers-sd3" and loaded.sharded_info["missing"] == 0
+    a, b = loaded.model.diffusion_model.state_dict(), sd3.model.diffusion_model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    shutil.rmtree(folder)
