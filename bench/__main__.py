@@ -1,4 +1,4 @@
-"""python -m bench list | run <technique> [options] | sweep-ditcache [options] | reference [techniques] | offload [options] | layerwise [options] | vae [options] | report [--readme]"""
+"""python -m bench list | run <technique> [options] | sweep-ditcache [options] | reference [techniques] | offload [options] | shards [options] | layerwise [options] | vae [options] | report [--readme]"""
 from __future__ import annotations
 
 import argparse
@@ -74,6 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     off.add_argument("--offload-type", default="block_level", choices=["block_level", "leaf_level"])
     off.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     off.add_argument("--out", type=Path, default=None)
+    shards = sub.add_parser("shards", help="peak RAM of a shard-by-shard load (OptimLoadShardedModel) against "
+                            "ComfyUI's whole-file load of the same weights")
+    shards.add_argument("--model", default="sd3", choices=sorted(factory.FAMILIES))
+    shards.add_argument("--size", default="bench", choices=factory.SIZES)
+    shards.add_argument("--dtype", default="fp16", choices=["fp32", "fp16", "bf16"])
+    shards.add_argument("--shards", type=_positive, default=8, help="max_shard_size = weights / shards")
+    shards.add_argument("--out", type=Path, default=None)
     layerwise = sub.add_parser("layerwise", help="layerwise fp8 casting: each skip preset against casting "
                                "everything and ComfyUI's built-in fp8 load (fidelity, weight memory)")
     layerwise.add_argument("--model", default="sd15", choices=sorted(factory.FAMILIES))
@@ -162,6 +169,13 @@ def main(argv: list[str] | None = None) -> int:
             reference_prompts=args.prompts))
         print(ditcache_sweep.summary(result))
         print(f"saved {ditcache_sweep.save(result, args.out)}")
+        return 0
+    if args.command == "shards":
+        from bench import shards_bench
+        result = shards_bench.run(shards_bench.ShardSettings(family=args.model, size=args.size, dtype=args.dtype,
+                                                             shards=args.shards))
+        print(shards_bench.summary(result))
+        print(f"saved {shards_bench.save(result, args.out)}")
         return 0
     if args.command == "offload":
         from bench import offload_bench

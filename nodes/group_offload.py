@@ -5,7 +5,7 @@ import logging
 
 from comfy_api.latest import io
 
-from ..optim import group_offload
+from ..optim import device_placement, group_offload
 from .messages import node_id_of, stats_sender
 
 log = logging.getLogger("comfyui-optim")
@@ -80,6 +80,10 @@ class OptimGroupOffload(io.ComfyNode):
             log.warning("OptimGroupOffload: %s (%s) has no layers ComfyUI can stream; the model passes "
                         "through unchanged", type(model.model).__name__, type(dm).__name__)
             return io.NodeOutput(model)
+        if model.get_injections(device_placement.KEY):
+            raise ValueError("OptimGroupOffload: this model goes through OptimDevicePlacement, which runs blocks on "
+                             "other devices; the two cannot share a model yet (use one of them, or set the "
+                             "placement's strategy to none)")
         patched = model.clone()
         group_offload.attach(patched, params, on_run_end=stats_sender(node_id_of(cls), "group_offload"))
         return io.NodeOutput(patched)

@@ -118,3 +118,78 @@ def pointers(stores: list[DiskStore]) -> set[int]:
 def release_all(stores: list[DiskStore]) -> None:
     while stores:
         stores.pop().release()
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading back from the model's own safetensors files (no copy written)
+
+SOURCES_KEY = "comfyui-optim.source_files"
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+def safetensors_header(path: Path) -> tuple[int, dict]:
+    """(offset of the data section, header) of a safetensors file, read without loading it."""
+    import json
+    import struct
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    return 8 + n, header
+
+
+class FileBackedStore:
+    """Parameters whose bytes are exactly those of a tensor in the model's own safetensors file get
+    a private (copy-on-write) mapping of that file as their storage: nothing is written, the kernel
+    reads the pages back from the file when needed. A parameter whose content differs from the file
+    (a LoRA baked in, another dtype, any edit) is not taken: it is listed in `rejected`.
+
+    `params`: [(name, parameter, file path, tensor name in the file)]. The file is never written
+    (the mapping is private) nor removed."""
+
+    def __init__(self, params: list[tuple[str, torch.nn.Parameter, Path, str]]):
+        self.views: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+        self.rejected: list[str] = []
+        self.nbytes = 0
+        self.files: set[Path] = set()
+        by_file: dict[Path, list] = {}
+        for name, p, path, key in params:
+            by_file.setdefault(Path(path), []).append((name, p, key))
+        for path, entries in by_file.items():
+            try:
+                start, header = safetensors_header(path)
+                buf = torch.from_numpy(np.memmap(path, dtype=np.uint8, mode="c"))
+            except (OSError, ValueError) as e:
+                log.info("disk offload: cannot map %s (%s); its weights are copied instead", path, e)
+                self.rejected += [name for name, _p, _k in entries]
+                continue
+            for name, p, key in entries:
+                view = self._view(buf, start, header.get(key), p)
+                if view is None or not torch.equal(p.data, view):
+                    self.rejected.append(name)
+                    continue
+                p.data = view
+                self.views.append((p, view))
+                self.nbytes += p.nelement() * p.element_size()
+                self.files.add(path)
+
+    @staticmethod
+    def _view(buf: torch.Tensor, start: int, info, p: torch.Tensor) -> torch.Tensor | None:
+        if not isinstance(info, dict) or _ST_DTYPES.get(info.get("dtype")) != p.dtype \
+                or list(info.get("shape", [])) != list(p.shape) or p.device.type != "cpu":
+            return None
+        begin, end = info["data_offsets"]
+        if end - begin != p.nelement() * p.element_size() or (start + begin) % p.element_size():
+            return None
+        return buf[start + begin:start + end].view(p.dtype).view(p.shape)
+
+    def in_use(self) -> bool:
+        return any(p.data.data_ptr() == v.data_ptr() for p, v in self.views)
+
+    def release(self) -> None:
+        """Copy every parameter still on the file back into RAM (the file itself stays)."""
+        for p, v in self.views:
+            if p.data.data_ptr() == v.data_ptr():
+                p.data = v.clone()
+        self.views = []

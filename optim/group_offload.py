@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import time
 import weakref
 from dataclasses import dataclass, field
 
@@ -189,6 +190,19 @@ class Mover:
         self.low_cpu_mem_usage = low_cpu_mem_usage
         self.pinned: dict[tuple[str, str], tuple[int, int, torch.Tensor]] = {}
         self.pinned_bytes = 0
+        # time spent copying: seconds of synchronous copies, (start, end) CUDA events of the rest
+        self.copy_seconds = 0.0
+        self.copy_events: list[tuple] = []
+
+    def take_copy_seconds(self) -> float:
+        """Seconds spent in copies since the last call (waits for the copies still queued)."""
+        total = self.copy_seconds
+        for start, end in self.copy_events:
+            end.synchronize()
+            total += start.elapsed_time(end) / 1000.0
+        self.copy_seconds = 0.0
+        self.copy_events = []
+        return total
 
     def _source(self, key, t: torch.Tensor, staging: list) -> torch.Tensor:
         if not self.cuda or t.device.type != "cpu":
@@ -219,9 +233,16 @@ class Mover:
         nbytes = sum(s.nelement() * s.element_size() for s in sources)
         if self.stream is None:
             if self.cuda:
+                t0 = torch.cuda.Event(enable_timing=True)
+                t0.record()
                 tensors = [s.to(self.device, non_blocking=s.is_pinned(), copy=True) for s in sources]
+                t1 = torch.cuda.Event(enable_timing=True)
+                t1.record()
+                self.copy_events.append((t0, t1))
             else:
+                t0 = time.perf_counter()
                 tensors = [s.to(self.device, copy=True) for s in sources]
+                self.copy_seconds += time.perf_counter() - t0
             return _Flight(tensors, nbytes, None, staging)
         current = torch.cuda.current_stream(self.device)
         if self.record_stream:
@@ -235,10 +256,13 @@ class Mover:
             tensors = [torch.empty_like(s, device=self.device) for s in sources]
             self.stream.wait_stream(current)
         with torch.cuda.stream(self.stream):
+            t0 = torch.cuda.Event(enable_timing=True)
+            t0.record(self.stream)
             for dst, src in zip(tensors, sources):
                 dst.copy_(src, non_blocking=True)
-            event = torch.cuda.Event()
+            event = torch.cuda.Event(enable_timing=True)
             event.record(self.stream)
+            self.copy_events.append((t0, event))
         return _Flight(tensors, nbytes, event, staging)
 
     def finish(self, flight: _Flight) -> list[torch.Tensor]:
@@ -272,13 +296,21 @@ class OffloadStats:
     peak_inflight_bytes: int = 0    # largest amount of streamed weights on the device at once
     resident_bytes: int = 0         # ComfyUI's accounting of loaded weights after the budget
     disk_bytes: int = 0             # offloaded weights held in files instead of RAM
+    disk_file_backed_bytes: int = 0  # of which read back from the model's own safetensors files
+    copy_seconds: float = 0.0       # time the copies took (CUDA events on a GPU, wall time elsewhere)
+    peak_vram_bytes: int | None = None   # torch.cuda.max_memory_allocated over the run; None off CUDA
     per_group: collections.Counter = field(default_factory=collections.Counter)  # transfers by group name
 
     def as_dict(self) -> dict:
         d = {k: getattr(self, k) for k in ("calls", "groups_streamed", "streamed_bytes_per_pass", "transfers",
                                            "bytes_moved", "sync_loads", "prefetch_hits", "prefetch_wasted",
-                                           "peak_inflight_bytes", "resident_bytes", "disk_bytes")}
+                                           "peak_inflight_bytes", "resident_bytes", "disk_bytes",
+                                           "disk_file_backed_bytes", "peak_vram_bytes")}
         d["gb_moved"] = round(self.bytes_moved / GIB, 3)
+        d["groups"] = self.groups_streamed
+        d["copy_seconds"] = round(self.copy_seconds, 6)
+        # achieved transfer rate (decimal GB/s, as bandwidths are quoted); None without copies
+        d["gbps"] = round(self.bytes_moved / self.copy_seconds / 1e9, 3) if self.copy_seconds > 0 else None
         return d
 
 
@@ -464,7 +496,8 @@ class GroupOffload:
         if not streamed:
             return
         if self.params.offload_to_disk:
-            self._to_disk(streamed)
+            self._to_disk(streamed, patcher.get_attachment(disk_offload.SOURCES_KEY)
+                          if self.target == "diffusion" and hasattr(patcher, "get_attachment") else None)
         if self.mover is None or self.mover.device != torch.device(patcher.load_device):
             # weights on disk are pinned per transfer: a pinned copy would hold them in RAM again
             self.mover = Mover(patcher.load_device, self.params.use_stream, self.params.record_stream,
@@ -489,6 +522,8 @@ class GroupOffload:
                     self.boundary_owner = None
                     if self.install is not None:
                         self.install.end_call()
+                    if self.mover is not None:
+                        self.stats.copy_seconds += self.mover.take_copy_seconds()
                     self.last_stats = self.stats.as_dict()   # no sampling run here: totals so far
             return hook
         for _name, child in root.named_children():
@@ -502,19 +537,32 @@ class GroupOffload:
         self.boundary_handles.clear()
         self.boundary_owner = None
 
-    def _to_disk(self, streamed: list[Group]) -> None:
-        """Move the RAM storage of the streamed layers to a file (layers already there stay)."""
+    def _to_disk(self, streamed: list[Group], sources: dict | None = None) -> None:
+        """Move the RAM storage of the streamed layers to disk (layers already there stay): mapped
+        from the model's own safetensors file where the weight is byte for byte the file's
+        (`sources`: key -> (file, name in file), set by the sharded loader), else written once to a
+        content-keyed file under ComfyUI's temp directory."""
         there = disk_offload.pointers(self.stores)
         todo = [(f"{path}.{pname}", p) for g in streamed for path, m in g.leaves
                 for pname, p in m._parameters.items()
                 if p is not None and p.device.type == "cpu" and p.data_ptr() not in there]
         unused = [s for s in self.stores if not s.in_use()]   # ComfyUI moved their layers since
+        if todo and sources:
+            from_file = [(name, p, *sources[name]) for name, p in todo if name in sources]
+            if from_file:
+                store = disk_offload.FileBackedStore(from_file)
+                if store.views:
+                    self.stores.append(store)
+                taken = {name for name, *_ in from_file} - set(store.rejected)
+                todo = [(name, p) for name, p in todo if name not in taken]
         if todo:
             self.stores.append(disk_offload.DiskStore(todo))
         for store in unused:     # after the write: identical content keeps its folder
             self.stores.remove(store)
             store.release()
         self.stats.disk_bytes = sum(s.nbytes for s in self.stores)
+        self.stats.disk_file_backed_bytes = sum(s.nbytes for s in self.stores
+                                                if isinstance(s, disk_offload.FileBackedStore))
 
     def eject(self, patcher) -> None:
         if self.enforcing:
@@ -570,15 +618,25 @@ class GroupOffload:
 
     def outer_sample(self, executor, *args, **kwargs):
         self.stats = OffloadStats(resident_bytes=self.stats.resident_bytes, disk_bytes=self.stats.disk_bytes,
+                                  disk_file_backed_bytes=self.stats.disk_file_backed_bytes,
                                   groups_streamed=self.stats.groups_streamed,
                                   streamed_bytes_per_pass=self.stats.streamed_bytes_per_pass)
         if self.install is not None:
             self.install.stats = self.stats
+        cuda_device = self.mover.device if self.mover is not None and self.mover.cuda else None
+        if cuda_device is not None:
+            torch.cuda.reset_peak_memory_stats(cuda_device)
+        if self.mover is not None:
+            self.mover.take_copy_seconds()     # copies of an earlier run or of a VAE call belong elsewhere
         self.run_active = True
         try:
             return executor(*args, **kwargs)
         finally:
             self.run_active = False
+            if self.mover is not None:
+                self.stats.copy_seconds = self.mover.take_copy_seconds()
+            if cuda_device is not None:
+                self.stats.peak_vram_bytes = torch.cuda.max_memory_allocated(cuda_device)
             stats = self.stats.as_dict()
             if self.mover is not None:
                 stats["pinned_gb"] = round(self.mover.pinned_bytes / GIB, 3)

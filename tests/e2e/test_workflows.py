@@ -17,7 +17,8 @@ STATS_LINE = {"OptimDeepCache": r"DeepCache \(interval \d+, branch \d+, \S+\): \
               "OptimDiTCache": r"DiT cache \((fixed|adaptive), blocks \d+\.\.\d+ of \d+\): [1-9]\d* of \d+ calls reused",
               "OptimDiTCacheSearch": r"DiT cache \((fixed|adaptive), blocks \d+\.\.\d+ of \d+\): [1-9]\d* of \d+ calls reused",
               "OptimGroupOffload": r"Group offload \(block_level, \d+ per group, streams \w+\): [1-9]\d* groups streamed",
-              "OptimLayerwiseCast": r"OptimLayerwiseCast on \w+ \(\w+\):.*\b(cast_layers|layers_cast)\W+[1-9]"}
+              "OptimLayerwiseCast": r"OptimLayerwiseCast on \w+ \(\w+\):.*\b(cast_layers|layers_cast)\W+[1-9]",
+              "OptimDevicePlacement": r"Device placement: [1-9]\d* units hooked"}
 # workflows whose branches must give identical images (the control of an A/B comparison)
 IDENTICAL_OUTPUTS = {"noop-control-sd15": ("save", "save_plain")}
 # where a node's line must come after: the search's own trial runs log cache lines too, the
@@ -86,7 +87,7 @@ def test_there_is_a_workflow_for_each_technique_node():
     assert {"OptimLayerwiseCast", "OptimLayerwiseCastCLIP", "OptimVAE", "OptimAttentionBackend",
             "OptimChannelsLast"} <= used
     assert set(NAMES) <= set(wf.notes())
-    assert {"OptimGroupOffload", "OptimGroupOffloadVAE", "OptimGroupOffloadCLIP", "OptimNoop"} <= used
+    assert {"OptimGroupOffload", "OptimGroupOffloadVAE", "OptimGroupOffloadCLIP", "OptimNoop", "OptimDevicePlacement"} <= used
 
 
 def test_the_stacks_people_want_are_there():

@@ -34,3 +34,33 @@ def test_folders_are_keyed_by_content(tmp_path):
     sa2.release()
     sb.release()
     assert not any(tmp_path.iterdir())
+
+
+def test_file_backed_store_maps_the_models_own_file_and_rejects_changed_weights(tmp_path):
+    """Weights identical to the file are mapped from it (no copy written, the file untouched even
+    if a mapped weight is written to); a changed or re-typed weight is left in RAM."""
+    from safetensors.torch import save_file
+    g = torch.Generator().manual_seed(0)
+    file_tensors = {"a.weight": torch.randn(4, 6, generator=g), "b.weight": torch.randn(3, generator=g),
+                    "c.weight": torch.randn(2, 2, generator=g), "d.weight": torch.randn(5, generator=g)}
+    path = tmp_path / "model.safetensors"
+    save_file(file_tensors, str(path))
+    before = path.read_bytes()
+    same_a = torch.nn.Parameter(file_tensors["a.weight"].clone(), requires_grad=False)
+    same_b = torch.nn.Parameter(file_tensors["b.weight"].clone(), requires_grad=False)
+    edited = torch.nn.Parameter(file_tensors["c.weight"] + 0.01, requires_grad=False)       # a LoRA baked in
+    retyped = torch.nn.Parameter(file_tensors["d.weight"].half(), requires_grad=False)      # another dtype
+    store = disk_offload.FileBackedStore([("a", same_a, path, "a.weight"), ("b", same_b, path, "b.weight"),
+                                          ("c", edited, path, "c.weight"), ("d", retyped, path, "d.weight"),
+                                          ("e", same_b, path, "no.such.tensor")])
+    assert sorted(store.rejected) == ["c", "d", "e"]
+    assert store.nbytes == (24 + 3) * 4 and store.in_use()
+    assert {same_a.data_ptr(), same_b.data_ptr()} <= disk_offload.pointers([store])
+    assert torch.equal(same_a, file_tensors["a.weight"]) and torch.equal(same_b, file_tensors["b.weight"])
+    assert edited.data_ptr() not in disk_offload.pointers([store])
+    same_a.data.add_(1.0)                 # private mapping: the model's file never changes
+    assert path.read_bytes() == before
+    store.release()
+    assert path.exists() and path.read_bytes() == before
+    assert same_a.data_ptr() not in disk_offload.pointers([store])
+    assert torch.equal(same_b, file_tensors["b.weight"])

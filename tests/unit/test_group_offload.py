@@ -144,3 +144,29 @@ def test_pinned_copies_follow_their_source():
         w.add_(1.0)     # an in-place patch bumps the version counter
     second = mover.finish(mover.start([(("l", "weight"), w)]))[0]
     assert torch.equal(second.cpu(), w.data) and not torch.equal(first.cpu(), w.data)
+
+
+def test_run_end_stats_for_the_frontend_badges():
+    """The keys the web badge formats: present, and consistent with what was streamed."""
+    m = toy()
+    x = torch.randn(3, 8)
+    sent = []
+    ctl = go.GroupOffload(go.GroupOffloadParams("block_level", 2, use_stream=False), on_run_end=sent.append)
+    with torch.inference_mode():
+        ctl.inject(patcher_of(m))
+        ctl.outer_sample(lambda: [run(ctl, m, x) for _ in range(2)])
+    (stats,) = sent
+    assert stats is ctl.last_stats
+    n_groups = len(ctl.install.groups)
+    assert stats["groups"] == n_groups == 5
+    assert stats["transfers"] == 2 * n_groups
+    assert stats["bytes_moved"] == 2 * sum(p.numel() * 4 for p in m.parameters())
+    # no CUDA here: the key is sent, empty (the badge leaves it out)
+    assert "peak_vram_bytes" in stats and stats["peak_vram_bytes"] is None
+    assert stats["copy_seconds"] > 0
+    assert stats["gbps"] == pytest.approx(stats["bytes_moved"] / stats["copy_seconds"] / 1e9, rel=1e-2, abs=1e-3)
+    assert stats["gbps"] > 0
+    # a second run counts only its own copies
+    with torch.inference_mode():
+        ctl.outer_sample(lambda: run(ctl, m, x))
+    assert sent[1]["transfers"] == n_groups and sent[1]["bytes_moved"] == stats["bytes_moved"] // 2
