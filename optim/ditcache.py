@@ -264,9 +264,9 @@ class DiTCache:
         if ref.index == self.start:
             self._decide(run, call, streams.get("img"))
         if ref.index == first:   # the block list's input: what its delta is measured from / added to
-            tensors = {k: v for k, v in streams.items() if isinstance(v, torch.Tensor)}
-            # on a reused call the blocks pass their input on, and the model may add to it in place
-            run.seg_in[seg] = tensors if call.refresh else {k: v.clone() for k, v in tensors.items()}
+            # a copy: blocks may add to their input in place (Flux's, LTXV's), which would make a
+            # refresh's delta zero and, on a reused call, change the base the delta is added to
+            run.seg_in[seg] = {k: v.clone() for k, v in streams.items() if isinstance(v, torch.Tensor)}
         if call.refresh:
             out = run_original()
             if ref.index == last:

@@ -23,7 +23,13 @@ def single(i, img):
     return {"img": torch.tanh(img @ WEIGHTS[2 + i]) + img}
 
 
-def forward(x, ctl=None, log=None):
+def single_in_place(i, img):
+    """A single block that adds to its input in place, as ComfyUI's Flux and LTXV blocks do."""
+    img += torch.tanh(img @ WEIGHTS[2 + i])
+    return {"img": img}
+
+
+def forward(x, ctl=None, log=None, single=single):
     """The toy model; with `ctl`, blocks in its range go through `ctl.block` like a block replace."""
     img, txt = x, x.flip(1) * 0.5
     for ref in REFS:
@@ -57,13 +63,13 @@ def boundary(x, upto):
 SCHEDULE = torch.linspace(1.0, 0.0, 11)
 
 
-def sample(ctl, xs, uuids=("c",), calls_per_step=1):
+def sample(ctl, xs, uuids=("c",), calls_per_step=1, single=single):
     """Run `ctl` through its wrappers over a 10-step schedule; xs[step] is the model input."""
     outs = []
 
     def model_call(step, x):
         to = {"sample_sigmas": SCHEDULE, "sigmas": SCHEDULE[step:step + 1], "uuids": list(uuids)}
-        return ctl.apply_model(lambda *a, **k: forward(x, ctl), x, None, None, None, None, to)
+        return ctl.apply_model(lambda *a, **k: forward(x, ctl, single=single), x, None, None, None, None, to)
 
     def body():
         for step in range(10):
@@ -115,6 +121,19 @@ def test_reused_call_returns_range_input_plus_refresh_delta_across_block_lists()
     img = range_in(xs[reuse]) + delta
     expected = single(1, img)["img"]
     torch.testing.assert_close(outs[reuse], expected)
+
+
+def test_blocks_that_add_in_place_still_leave_a_delta():
+    """The range input kept on a refresh must be a copy: a block that adds to its input in place
+    would otherwise turn the stored delta into zero and a reused call into a plain skip."""
+    kw = dict(cache_block_start=2, cache_num_blocks=2, cache_step_start=1, cache_step_interval=2)
+    xs = inputs()
+    outs = sample(controller(**kw), [x.clone() for x in xs], single=single_in_place)
+    assert torch.equal(outs[2], sample(controller(**kw), xs)[2])
+    refresh, reuse = 1, 2
+    delta = boundary(xs[refresh], 4)[0] - boundary(xs[refresh], 2)[0]
+    assert delta.abs().max() > 0.1
+    torch.testing.assert_close(outs[reuse], boundary(xs[reuse], 2)[0] + delta)
 
 
 def test_interval_one_never_reuses_and_is_exact():
