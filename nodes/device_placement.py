@@ -6,6 +6,7 @@ from comfy_api.latest import io
 
 from ..optim import device_placement as dp
 from ..optim import group_offload
+from .messages import node_id_of, stats_sender
 
 log = logging.getLogger("comfyui-optim")
 
@@ -41,6 +42,7 @@ class OptimDevicePlacement(io.ComfyNode):
                                         "balanced, only the devices named here are used. Empty: free memory."),
             ],
             outputs=[io.Model.Output(display_name="model"), io.String.Output(display_name="device_map")],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
@@ -97,5 +99,5 @@ class OptimDevicePlacement(io.ComfyNode):
             log.info("OptimDevicePlacement: every block of %s fits on %s; nothing to place",
                      type(dm).__name__, plan.main_device)
         else:
-            dp.attach(patched, plan)
+            dp.attach(patched, plan, on_run_end=stats_sender(node_id_of(cls), "device_placement"))
         return io.NodeOutput(patched, plan.describe())

@@ -6,7 +6,7 @@ import logging
 from comfy_api.latest import io
 
 from ..optim import device_placement, group_offload
-from .messages import node_id_of, stats_sender
+from .messages import current_prompt_id, node_id_of, stats_sender
 
 log = logging.getLogger("comfyui-optim")
 
@@ -119,7 +119,8 @@ class OptimGroupOffloadVAE(io.ComfyNode):
                                 low_cpu_mem_usage, vram_budget_gb, offload_to_disk)
         patched = copy.copy(vae)               # shares the modules; its own patcher clone
         patched.patcher = vae.patcher.clone()
-        group_offload.attach_module(patched.patcher, params)
+        group_offload.attach_module(patched.patcher, params, on_run_end=stats_sender(node_id_of(cls), "group_offload"),
+                                    run_id=current_prompt_id)
         return io.NodeOutput(patched)
 
 
@@ -153,5 +154,6 @@ class OptimGroupOffloadCLIP(io.ComfyNode):
         params = checked_params("OptimGroupOffloadCLIP", offload_type, num_blocks_per_group, use_stream, record_stream,
                                 low_cpu_mem_usage, vram_budget_gb, offload_to_disk)
         patched = clip.clone()
-        group_offload.attach_module(patched.patcher, params)
+        group_offload.attach_module(patched.patcher, params, on_run_end=stats_sender(node_id_of(cls), "group_offload"),
+                                    run_id=current_prompt_id)
         return io.NodeOutput(patched)

@@ -29,6 +29,15 @@ def stats_sender(node_id, technique: str):
     return send
 
 
+def current_prompt_id():
+    """The prompt the server is running (None in-process): calls of one prompt make one run."""
+    try:
+        from server import PromptServer
+    except ImportError:
+        return None
+    return getattr(getattr(PromptServer, "instance", None), "last_prompt_id", None)
+
+
 def node_id_of(cls):
     hidden = getattr(cls, "hidden", None)
     return getattr(hidden, "unique_id", None) if hidden is not None else None

@@ -448,9 +448,10 @@ class DevicePlacement:
     """One plan on one patcher chain. `transfer(tensor, device)` moves a tensor; tests substitute a
     fake (e.g. a dtype standing in for a second device)."""
 
-    def __init__(self, plan: Plan, transfer: Callable = _to):
+    def __init__(self, plan: Plan, transfer: Callable = _to, on_run_end: Callable | None = None):
         self.plan = plan
         self.transfer = transfer
+        self.on_run_end = on_run_end
         self.moved: list[tuple[torch.nn.Module, str, str, object]] = []   # (module, kind, name, home)
         self.handles: list = []
         self.stats = PlacementStats()
@@ -506,6 +507,20 @@ class DevicePlacement:
                     m._buffers[name] = self.transfer(b, home)
         self.moved.clear()
 
+    def run_stats(self) -> dict:
+        """What a sampling run ran where: weights per device (bytes), units placed away from the
+        load device, and the bytes the last load moved there."""
+        return {"devices": {str(d): b for d, b in self.plan.bytes_per_device().items()},
+                "units_placed": self.stats.units_placed, "bytes_moved": self.stats.moved_bytes,
+                "installs": self.stats.installs}
+
+    def outer_sample(self, executor, *args, **kwargs):
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            if self.on_run_end is not None:
+                self.on_run_end(self.run_stats())
+
     # -- hooks
     def _inputs_to(self, device):
         def hook(_m, args, kwargs):
@@ -519,18 +534,23 @@ class DevicePlacement:
         return hook
 
 
-def attach(patcher, plan: Plan, transfer: Callable = _to) -> DevicePlacement:
-    """Install `plan` on `patcher` (a clone owned by the caller); replaces an earlier placement."""
+def attach(patcher, plan: Plan, transfer: Callable = _to, on_run_end: Callable | None = None) -> DevicePlacement:
+    """Install `plan` on `patcher` (a clone owned by the caller); replaces an earlier placement.
+    `on_run_end(stats)` is called after each sampling run."""
     import comfy.patcher_extension as pe
-    ctl = DevicePlacement(plan, transfer)
+    ctl = DevicePlacement(plan, transfer, on_run_end)
+    patcher.remove_wrappers_with_key(pe.WrappersMP.OUTER_SAMPLE, KEY)
     patcher.set_injections(KEY, [pe.PatcherInjection(inject=ctl.inject, eject=ctl.eject)])
+    patcher.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, KEY, ctl.outer_sample)
     return ctl
 
 
 def detach(patcher) -> bool:
     """Remove a placement from `patcher` (a clone owned by the caller); True if there was one."""
+    import comfy.patcher_extension as pe
     if patcher.get_injections(KEY):
         patcher.remove_injections(KEY)
+        patcher.remove_wrappers_with_key(pe.WrappersMP.OUTER_SAMPLE, KEY)
         return True
     return False
 

@@ -446,9 +446,13 @@ class GroupOffload:
     budget applied when the model is injected and each call of one of its top-level children as a
     call boundary (VAE decode runs `decoder`, not `forward`)."""
 
-    def __init__(self, params: GroupOffloadParams, on_run_end=None, target: str = "diffusion"):
+    def __init__(self, params: GroupOffloadParams, on_run_end=None, target: str = "diffusion", run_id=None):
         self.params = params
         self.target = target
+        # modules only (no sampling run to wrap): `run_id()` names the run a call belongs to (the
+        # node passes the prompt id), so the statistics sent after each call are that run's
+        self.run_id = run_id
+        self.last_run_id = object()
         self.boundary_handles: list = []
         self.boundary_owner = None
         self.enforcing = False
@@ -512,6 +516,10 @@ class GroupOffload:
         def begin(child):
             def hook(_m, _args):
                 if self.boundary_owner is None and self.install is not None:
+                    run = self.run_id() if self.run_id is not None else None
+                    if run != self.last_run_id:
+                        self.last_run_id = run
+                        self._start_run()
                     self.boundary_owner = child
                     self.install.begin_call()
             return hook
@@ -522,9 +530,7 @@ class GroupOffload:
                     self.boundary_owner = None
                     if self.install is not None:
                         self.install.end_call()
-                    if self.mover is not None:
-                        self.stats.copy_seconds += self.mover.take_copy_seconds()
-                    self.last_stats = self.stats.as_dict()   # no sampling run here: totals so far
+                    self._finish_run(accumulate=True)   # this run's totals so far, after each call
             return hook
         for _name, child in root.named_children():
             self.boundary_handles.append(child.register_forward_pre_hook(begin(child)))
@@ -616,48 +622,62 @@ class GroupOffload:
         finally:
             inst.end_call()
 
-    def outer_sample(self, executor, *args, **kwargs):
+    def _cuda_device(self):
+        return self.mover.device if self.mover is not None and self.mover.cuda else None
+
+    def _start_run(self) -> None:
+        """Fresh counters for a run; the figures of the installation (groups, resident and disk
+        bytes) carry over."""
         self.stats = OffloadStats(resident_bytes=self.stats.resident_bytes, disk_bytes=self.stats.disk_bytes,
                                   disk_file_backed_bytes=self.stats.disk_file_backed_bytes,
                                   groups_streamed=self.stats.groups_streamed,
                                   streamed_bytes_per_pass=self.stats.streamed_bytes_per_pass)
         if self.install is not None:
             self.install.stats = self.stats
-        cuda_device = self.mover.device if self.mover is not None and self.mover.cuda else None
-        if cuda_device is not None:
-            torch.cuda.reset_peak_memory_stats(cuda_device)
+        if self._cuda_device() is not None:
+            torch.cuda.reset_peak_memory_stats(self._cuda_device())
         if self.mover is not None:
             self.mover.take_copy_seconds()     # copies of an earlier run or of a VAE call belong elsewhere
+
+    def _finish_run(self, accumulate: bool = False) -> None:
+        """Close the run's figures, log them and hand them to `on_run_end`."""
+        if self.mover is not None:
+            took = self.mover.take_copy_seconds()
+            self.stats.copy_seconds = self.stats.copy_seconds + took if accumulate else took
+        if self._cuda_device() is not None:
+            self.stats.peak_vram_bytes = torch.cuda.max_memory_allocated(self._cuda_device())
+        stats = self.stats.as_dict()
+        if self.mover is not None:
+            stats["pinned_gb"] = round(self.mover.pinned_bytes / GIB, 3)
+        self.last_stats = stats
+        self.last_per_group = dict(self.stats.per_group)
+        log.info("Group offload (%s, %d per group, streams %s): %d groups streamed, %.3f GB moved in "
+                 "%d transfers over %d calls, %d prefetch hits, %d wasted, %d on demand",
+                 self.params.offload_type, self.params.num_blocks_per_group, self.params.use_stream,
+                 stats["groups_streamed"], stats["gb_moved"], stats["transfers"], stats["calls"],
+                 stats["prefetch_hits"], stats["prefetch_wasted"], stats["sync_loads"])
+        if self.on_run_end is not None:
+            self.on_run_end(stats)
+
+    def outer_sample(self, executor, *args, **kwargs):
+        self._start_run()
         self.run_active = True
         try:
             return executor(*args, **kwargs)
         finally:
             self.run_active = False
-            if self.mover is not None:
-                self.stats.copy_seconds = self.mover.take_copy_seconds()
-            if cuda_device is not None:
-                self.stats.peak_vram_bytes = torch.cuda.max_memory_allocated(cuda_device)
-            stats = self.stats.as_dict()
-            if self.mover is not None:
-                stats["pinned_gb"] = round(self.mover.pinned_bytes / GIB, 3)
-            self.last_stats = stats
-            self.last_per_group = dict(self.stats.per_group)
-            log.info("Group offload (%s, %d per group, streams %s): %d groups streamed, %.3f GB moved in "
-                     "%d transfers over %d calls, %d prefetch hits, %d wasted, %d on demand",
-                     self.params.offload_type, self.params.num_blocks_per_group, self.params.use_stream,
-                     stats["groups_streamed"], stats["gb_moved"], stats["transfers"], stats["calls"],
-                     stats["prefetch_hits"], stats["prefetch_wasted"], stats["sync_loads"])
-            if self.on_run_end is not None:
-                self.on_run_end(stats)
+            self._finish_run()
 
 
-def attach_module(patcher, params: GroupOffloadParams, on_run_end=None) -> GroupOffload:
-    """Install group offload on the patcher of a VAE or text encoder (a clone owned by the caller)."""
+def attach_module(patcher, params: GroupOffloadParams, on_run_end=None, run_id=None) -> GroupOffload:
+    """Install group offload on the patcher of a VAE or text encoder (a clone owned by the caller).
+    `on_run_end(stats)` gets the run's figures after each call; `run_id()` says which run a call
+    belongs to (calls of one run add up)."""
     import comfy.patcher_extension as pe
     problems = params.problems()
     if problems:
         raise ValueError("; ".join(problems))
-    ctl = GroupOffload(params, on_run_end, target="module")
+    ctl = GroupOffload(params, on_run_end, target="module", run_id=run_id)
     patcher.remove_callbacks_with_key(pe.CallbacksMP.ON_DETACH, KEY)
     patcher.set_injections(KEY, [pe.PatcherInjection(inject=ctl.inject, eject=ctl.eject)])
     patcher.add_callback_with_key(pe.CallbacksMP.ON_DETACH, KEY, ctl.on_detach)

@@ -95,10 +95,14 @@ def test_fake_second_device_through_ksampler(unet, flux, fam, mapping):
     ref = sample(base, fam)
     plan = dp.plan_custom(dp.units_of(base.model.diffusion_model), mapping, "cpu", ["cpu", "fake:1"])
     patched = base.clone()
-    ctl = dp.attach(patched, plan, transfer=fake_transfer)
+    sent = []
+    ctl = dp.attach(patched, plan, transfer=fake_transfer, on_run_end=sent.append)
     with NoMixing(allow=flux_rope):
         out = sample(patched, fam)
     assert ctl.stats.installs >= 1 and ctl.stats.moved_bytes == sum(plan.nbytes[p] for p in plan.placed()) > 0
+    # one statistics message per run, for the badge: the bytes on each device
+    assert len(sent) == 1 and sent[0]["devices"] == plan.bytes_per_device()
+    assert sent[0]["devices"]["fake:1"] == sent[0]["bytes_moved"] == ctl.stats.moved_bytes
     # float64 on the "other device" rounds differently: close, not equal (a wiring fault is O(1))
     torch.testing.assert_close(out, ref, rtol=2e-3, atol=2e-3)
     # while loaded the placed weights are on the other device; the plain model finds them home

@@ -275,3 +275,24 @@ def test_clip_encode_bit_identical_and_removed(comfy_nodes):
     assert hooks_on(patched.patcher) == 0
     with torch.inference_mode():
         assert torch.equal(clip.encode_from_tokens(tokens), ref)
+
+
+def test_vae_statistics_are_per_run_and_sent_after_each_call(comfy_nodes):
+    """A VAE has no sampling run to wrap: its figures go out after each decode, and the calls of
+    one run (one prompt id) add up while a new run starts from zero."""
+    import copy
+    vae = factory.build_vae("sd15")
+    latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    sent, run = [], ["p1"]
+    patched = copy.copy(vae)
+    patched.patcher = vae.patcher.clone()
+    go.attach_module(patched.patcher, go.GroupOffloadParams(), on_run_end=sent.append, run_id=lambda: run[0])
+    with torch.inference_mode():
+        patched.decode(latent)
+        patched.decode(latent)
+        run[0] = "p2"
+        patched.decode(latent)
+    assert [s["calls"] for s in sent] == [1, 2, 1]
+    assert sent[1]["transfers"] == 2 * sent[0]["transfers"] > 0
+    assert sent[2]["bytes_moved"] == sent[0]["bytes_moved"] > 0
+    assert all(s["groups"] == s["groups_streamed"] > 0 and s["peak_vram_bytes"] is None for s in sent)
