@@ -2,6 +2,7 @@
 target speedup), OptimDiTCacheLoad (a saved configuration by name) and OptimDiTCacheConfig (a
 configuration kept inline in the workflow, so a shared workflow carries it)."""
 import logging
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -191,6 +192,25 @@ def _calibration_sampler(positive, negative, latent, steps, cfg, sampler_name, s
     return run
 
 
+def search_stats(result, config: ditcache.DiTCacheConfig) -> dict:
+    """The search node's badge: configurations sampled, the one chosen (block range, from which step,
+    how often refreshed), its measured speedup and PSNR against the uncached output. The samplings
+    downstream with the chosen cache send their own `ditcache` stats from the same node."""
+    b = result.best
+    start, end = config.block_range(config.num_blocks) if config.num_blocks else (config.cache_block_start, None)
+    out = {"configs_tried": len(result.evaluated), "candidates_scored": result.candidates_considered,
+           "blocks": f"{start}..{end - 1}" + (f" of {config.num_blocks}" if config.num_blocks else "")
+           if end else f"from {start}",
+           "mode": config.mode, "cache_step_start": config.cache_step_start,
+           "measured_speedup": round(b.measured_speedup, 3), "predicted_speedup": round(b.predicted_speedup, 3),
+           "psnr_db": round(b.psnr, 2) if math.isfinite(b.psnr) else None, "ssim": round(b.ssim, 4), "reference_seconds": round(result.reference_seconds, 3)}
+    if config.mode == "adaptive":
+        out["threshold"] = config.threshold
+    else:
+        out["cache_step_interval"] = config.cache_step_interval
+    return out
+
+
 class OptimDiTCacheSearch(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -263,6 +283,7 @@ class OptimDiTCacheSearch(io.ComfyNode):
             path, note = config_store().save(save_as, config, overwrite=overwrite)
             report += f"\nsaved as {save_as!r} ({path})" + (f"; {note}" if note else "")
         log.info(report)
+        stats_sender(node_id_of(cls), "ditcache_search")(search_stats(result, config))
         patched = _apply(cls, model, config, "OptimDiTCacheSearch")
         return io.NodeOutput(patched, config, report, config.to_json(),
                              ui={"text": [report], "config_json": [config.to_json()]})

@@ -2,6 +2,7 @@
 from comfy_api.latest import io
 
 from ..optim import noop
+from .messages import node_id_of, stats_sender
 
 
 class OptimNoop(io.ComfyNode):
@@ -16,8 +17,9 @@ class OptimNoop(io.ComfyNode):
                         "of the hook path, or as a control in A/B comparisons.",
             inputs=[io.Model.Input("model")],
             outputs=[io.Model.Output(display_name="model")],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
     def execute(cls, model) -> io.NodeOutput:
-        return io.NodeOutput(noop.attach(model.clone()))
+        return io.NodeOutput(noop.attach(model.clone(), on_run_end=stats_sender(node_id_of(cls), "noop")))

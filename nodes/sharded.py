@@ -3,11 +3,13 @@ ComfyUI's models directory -> MODEL, one shard at a time) and OptimSaveModelShar
 in ComfyUI's output directory)."""
 import logging
 import os
+import time
 from pathlib import Path
 
 from comfy_api.latest import io
 
 from ..optim import sharded
+from .messages import node_id_of, stats_sender
 
 log = logging.getLogger("comfyui-optim")
 
@@ -55,6 +57,44 @@ def resolve_folder(name: str) -> Path:
     return folders[name]
 
 
+class RamPeak:
+    """The process's resident memory above its level at creation, sampled when called (after each
+    shard: the loader's peak is the model plus one shard, reached as a shard is closed). None where
+    psutil is missing."""
+
+    def __init__(self):
+        try:
+            import psutil
+            self._proc = psutil.Process()
+            self.start = self._proc.memory_info().rss
+        except Exception:
+            self._proc, self.start = None, None
+        self.peak = self.start
+
+    def sample(self) -> None:
+        if self._proc is not None:
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+
+    @property
+    def above_start(self):
+        return None if self._proc is None else self.peak - self.start
+
+
+def load_stats(path: Path, info: dict, ram: RamPeak, seconds: float) -> dict:
+    """What the loader's badge shows: shards and bytes read, RAM peak above the start, the layout."""
+    folder = sharded.open_folder(path)
+    return {"shards_read": info["shards"], "bytes_read": folder.nbytes, "layout": info["layout"],
+            "weights_missing": info["missing"], "peak_ram_above_start_bytes": ram.above_start,
+            "load_seconds": round(seconds, 3)}
+
+
+def save_stats(files: list[Path], folder: str, layout: str) -> dict:
+    """What the saver's badge shows: shards and bytes written and where (relative to output/)."""
+    shards = [f for f in files if f.suffix == ".safetensors"]
+    return {"shards_written": len(shards), "bytes_written": sum(f.stat().st_size for f in shards),
+            "folder": folder, "layout": layout}
+
+
 class OptimLoadShardedModel(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -75,6 +115,7 @@ class OptimLoadShardedModel(io.ComfyNode):
                                tooltip="default: as ComfyUI chooses for the device and the file's dtype."),
             ],
             outputs=[io.Model.Output(display_name="model")],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
@@ -91,13 +132,17 @@ class OptimLoadShardedModel(io.ComfyNode):
         import torch
         path = resolve_folder(folder)
         dtype = getattr(torch, DTYPES[weight_dtype]) if DTYPES.get(weight_dtype) else None
+        ram = RamPeak()
+        start = time.perf_counter()
         try:
-            model = sharded.load_sharded(path, dtype=dtype)
+            model = sharded.load_sharded(path, dtype=dtype, on_shard=lambda _i, _p: ram.sample())
         except sharded.ShardError as e:
             raise ValueError(f"OptimLoadShardedModel: {folder}: {e}") from None
         info = model.sharded_info
         log.info("Sharded load of %s: %s layout, %d shards, %d weights missing", folder, info["layout"],
                  info["shards"], info["missing"])
+        # no sampling run to wait for: the badge gets the load's figures now
+        stats_sender(node_id_of(cls), "sharded_load")(load_stats(path, info, ram, time.perf_counter() - start))
         return io.NodeOutput(model)
 
 
@@ -124,6 +169,7 @@ class OptimSaveModelShards(io.ComfyNode):
             ],
             outputs=[io.String.Output(display_name="folder")],
             is_output_node=True,
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
@@ -164,5 +210,6 @@ class OptimSaveModelShards(io.ComfyNode):
         except sharded.ShardError as e:
             raise ValueError(f"OptimSaveModelShards: {e}") from None
         rel = os.path.relpath(target, output_dir)
+        stats_sender(node_id_of(cls), "sharded_save")(save_stats(files, rel, layout))
         log.info("Saved %s as %d shards in %s", type(model.model.diffusion_model).__name__, len(files) - 1, rel)
         return io.NodeOutput(rel)

@@ -5,6 +5,7 @@ import logging
 from comfy_api.latest import io
 
 from ..optim import speed_knobs
+from .messages import node_id_of, stats_sender
 
 log = logging.getLogger("comfyui-optim")
 
@@ -23,6 +24,7 @@ class OptimAttentionBackend(io.ComfyNode):
             inputs=[io.Model.Input("model"),
                     io.Combo.Input("backend", options=list(speed_knobs.BACKENDS), default="pytorch_sdpa")],
             outputs=[io.Model.Output(display_name="model")],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
@@ -37,7 +39,8 @@ class OptimAttentionBackend(io.ComfyNode):
         patched = model.clone()
         if speed_knobs.ATTENTION_KEY in patched.model_options.get("transformer_options", {}):
             log.warning("OptimAttentionBackend: replacing an attention override set upstream")
-        speed_knobs.set_attention_backend(patched, backend)
+        speed_knobs.set_attention_backend(patched, backend,
+                                          on_run_end=stats_sender(node_id_of(cls), "attention_backend"))
         return io.NodeOutput(patched)
 
 
@@ -53,6 +56,7 @@ class OptimChannelsLast(io.ComfyNode):
                         "the README. Models without 2-D convolutions pass through with a warning.",
             inputs=[io.Model.Input("model")],
             outputs=[io.Model.Output(display_name="model")],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
@@ -65,5 +69,5 @@ class OptimChannelsLast(io.ComfyNode):
                         "passes through unchanged", type(model.model).__name__, type(dm).__name__)
             return io.NodeOutput(model)
         patched = model.clone()
-        speed_knobs.set_channels_last(patched)
+        speed_knobs.set_channels_last(patched, on_run_end=stats_sender(node_id_of(cls), "channels_last"))
         return io.NodeOutput(patched)

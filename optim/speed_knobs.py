@@ -46,29 +46,55 @@ def backend_problem(choice: str) -> str | None:
 @dataclass
 class AttentionOverride:
     """transformer_options['optimized_attention_override']: calls the chosen registered function
-    in place of whichever one the model would have used."""
+    in place of whichever one the model would have used. Counts the calls of each sampling run
+    (an OUTER_SAMPLE wrapper opens and closes the run) and hands them to `on_run_end`."""
     backend: str
     calls: int = 0
+    on_run_end: object = None
+
+    def __deepcopy__(self, memo):
+        # ModelPatcher.clone() deep-copies model_options: clones keep routing through this counter
+        return self
 
     def __call__(self, default_fn, *args, **kwargs):
         from comfy.ldm.modules import attention
         self.calls += 1
         return attention.get_attention_function(BACKENDS[self.backend])(*args, **kwargs)
 
+    def run_stats(self) -> dict:
+        return {"backend": self.backend, "attention_calls": self.calls}
 
-def set_attention_backend(patcher, choice: str) -> AttentionOverride:
+    def outer_sample(self, executor, *args, **kwargs):
+        self.calls = 0
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            if self.on_run_end is not None:
+                self.on_run_end(self.run_stats())
+
+
+def set_attention_backend(patcher, choice: str, on_run_end=None) -> AttentionOverride:
     problem = backend_problem(choice)
     if problem:
         raise ValueError(problem)
-    override = AttentionOverride(choice)
+    override = AttentionOverride(choice, on_run_end=on_run_end)
     patcher.model_options.setdefault("transformer_options", {})[ATTENTION_KEY] = override
+    from comfy.patcher_extension import WrappersMP
+    patcher.remove_wrappers_with_key(WrappersMP.OUTER_SAMPLE, ATTENTION_KEY)
+    patcher.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, ATTENTION_KEY, override.outer_sample)
     return override
 
 
 @dataclass
 class ChannelsLast:
-    """Injection: 4-D conv weights of the diffusion model in channels_last layout, on this clone."""
+    """Injection: 4-D conv weights of the diffusion model in channels_last layout, on this clone.
+    Also the DIFFUSION_MODEL wrapper (NHWC input) and the run's call count for `on_run_end`."""
     converted: int = 0
+    calls: int = 0
+    on_run_end: object = None
+
+    def __deepcopy__(self, memo):
+        return self   # clones deep-copy the wrappers: they keep this one state
 
     def inject(self, patcher) -> None:
         offload = patcher.offload_device
@@ -88,6 +114,25 @@ class ChannelsLast:
     def eject(self, patcher) -> None:
         weight_swap.restore_all(patcher.model)
 
+    def diffusion_model(self, executor, x, *args, **kwargs):
+        self.calls += 1
+        return input_to_channels_last(executor, x, *args, **kwargs)
+
+    def run_stats(self, patcher) -> dict:
+        convs = sum(1 for m in patcher.model.diffusion_model.modules() if isinstance(m, torch.nn.Conv2d))
+        nhwc = sum(1 for m in patcher.model.diffusion_model.modules()
+                   if isinstance(m, torch.nn.Conv2d) and m.weight.dim() == 4
+                   and m.weight.is_contiguous(memory_format=torch.channels_last))
+        return {"conv_layers": convs, "convs_channels_last": nhwc, "calls": self.calls}
+
+    def outer_sample(self, executor, *args, **kwargs):
+        self.calls = 0
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            if self.on_run_end is not None:
+                self.on_run_end(self.run_stats(executor.class_obj.model_patcher))
+
 
 def input_to_channels_last(executor, x, *args, **kwargs):
     """DIFFUSION_MODEL wrapper: NHWC input in, the usual contiguous layout out."""
@@ -97,9 +142,10 @@ def input_to_channels_last(executor, x, *args, **kwargs):
     return out.contiguous() if isinstance(out, torch.Tensor) else out
 
 
-def set_channels_last(patcher) -> ChannelsLast:
+def set_channels_last(patcher, on_run_end=None) -> ChannelsLast:
     from comfy.patcher_extension import PatcherInjection, WrappersMP
-    state = ChannelsLast()
+    state = ChannelsLast(on_run_end=on_run_end)
     patcher.set_injections(CHANNELS_LAST_KEY, [PatcherInjection(inject=state.inject, eject=state.eject)])
-    patcher.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, CHANNELS_LAST_KEY, input_to_channels_last)
+    patcher.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, CHANNELS_LAST_KEY, state.diffusion_model)
+    patcher.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, CHANNELS_LAST_KEY, state.outer_sample)
     return state

@@ -17,6 +17,11 @@ export const TECHNIQUE_LABELS = {
   vae: "VAE",
   vae_tiling: "VAE tiling",
   device_placement: "Device placement",
+  attention_backend: "Attention",
+  channels_last: "channels_last",
+  sharded_load: "Sharded load",
+  sharded_save: "Sharded save",
+  ditcache_search: "DiT cache search",
 };
 
 export function techniqueLabel(technique) {
@@ -64,6 +69,7 @@ export function formatValue(key, value) {
   if (k.endsWith("_fraction") || k.endsWith("_ratio")) return `${Math.round(value * 100)}%`;
   if (k.endsWith("_seconds") || k.endsWith("_s")) return `${formatNumber(value)} s`;
   if (k.endsWith("_ms")) return `${formatNumber(value)} ms`;
+  if (k.endsWith("_db")) return `${formatNumber(value)} dB`;
   if (k.endsWith("_mb")) return `${formatNumber(value)} MiB`;
   if (k.endsWith("_gb") || k.startsWith("gb_")) return `${formatNumber(value)} GiB`;
   return formatNumber(value);
@@ -135,9 +141,68 @@ function placementParts(s, push) {
   } else if (Array.isArray(d) && d.length) push(d.length > 3 ? plural(d.length, "device") : d.join(", "), "devices");
 }
 
+// OptimNoop: the model calls it routed (the output is unchanged by design)
+function noopParts(s, push, take) {
+  if (isNumber(s.calls_routed)) push(`${plural(s.calls_routed, "call")} routed`, "calls_routed");
+  if (s.output_changed === false) push("output unchanged", "output_changed");
+  take("output_changed");
+}
+
+function attentionParts(s, push) {
+  if (typeof s.backend === "string" && s.backend) push(s.backend, "backend");
+  if (isNumber(s.attention_calls)) push(`${plural(s.attention_calls, "attention call")}`, "attention_calls");
+}
+
+function channelsLastParts(s, push, take) {
+  take("conv_layers");
+  if (isNumber(s.convs_channels_last)) {
+    const of = isNumber(s.conv_layers) ? `/${s.conv_layers}` : "";
+    push(`${s.convs_channels_last}${of} convs NHWC`, "convs_channels_last");
+  }
+  if (isNumber(s.calls)) push(`${plural(s.calls, "call")}`, "calls");
+}
+
+function shardedLoadParts(s, push, take) {
+  take("layout");
+  if (isNumber(s.shards_read)) {
+    const size = isNumber(s.bytes_read) ? `, ${formatBytes(s.bytes_read)} read` : "";
+    push(`${plural(s.shards_read, "shard")}${size}`, "shards_read", "bytes_read");
+  }
+  if (isNumber(s.peak_ram_above_start_bytes)) push(`RAM +${formatBytes(s.peak_ram_above_start_bytes)}`, "peak_ram_above_start_bytes");
+  if (isNumber(s.load_seconds)) push(`${formatNumber(s.load_seconds)} s`, "load_seconds");
+  if (isNumber(s.weights_missing) && s.weights_missing > 0) push(`${plural(s.weights_missing, "weight")} missing`, "weights_missing");
+  take("weights_missing");
+}
+
+function shardedSaveParts(s, push, take) {
+  take("layout");
+  if (isNumber(s.shards_written)) {
+    const size = isNumber(s.bytes_written) ? `, ${formatBytes(s.bytes_written)}` : "";
+    push(`${plural(s.shards_written, "shard")}${size}`, "shards_written", "bytes_written");
+  }
+  if (typeof s.folder === "string" && s.folder) push(`→ ${formatValue("folder", s.folder)}`, "folder");
+}
+
+// OptimDiTCacheSearch: what it tried and what it chose; its sampler's runs come as `ditcache`
+function searchParts(s, push, take) {
+  take("candidates_scored", "mode", "cache_step_start", "cache_step_interval", "threshold", "ssim",
+    "reference_seconds", "predicted_speedup");
+  if (isNumber(s.configs_tried)) push(`${plural(s.configs_tried, "config")} tried`, "configs_tried");
+  if (typeof s.blocks === "string") {
+    let when = isNumber(s.cache_step_start) ? ` from step ${s.cache_step_start}` : "";
+    if (s.mode === "adaptive") when += isNumber(s.threshold) ? `, adaptive ${formatNumber(s.threshold)}` : ", adaptive";
+    else if (isNumber(s.cache_step_interval)) when += `, every ${s.cache_step_interval}`;
+    push(`blocks ${s.blocks}${when}`, "blocks");
+  }
+  if (isNumber(s.measured_speedup)) push(`${s.measured_speedup.toFixed(2)}× measured`, "measured_speedup");
+  if (isNumber(s.psnr_db)) push(`${formatNumber(s.psnr_db)} dB`, "psnr_db");
+}
+
 const TECHNIQUE_PARTS = {
   group_offload: offloadParts, vae: vaeParts, vae_tiling: vaeParts, layerwise_cast: castParts,
-  device_placement: placementParts,
+  device_placement: placementParts, noop: noopParts, attention_backend: attentionParts,
+  channels_last: channelsLastParts, sharded_load: shardedLoadParts, sharded_save: shardedSaveParts,
+  ditcache_search: searchParts,
 };
 
 // The parts of the compact summary: the technique's own first, then the well-known keys it left,
@@ -243,7 +308,7 @@ export function kindOf(technique, stats) {
   const t = String(technique || "");
   if (t.includes("vae") || "tiles" in s) return "vae";
   if (["peak_vram_bytes", "bytes_moved", "gbps", "peak_memory_bytes"].some((k) => k in s)) return "memory";
-  if (t.includes("offload") || t.includes("cast") || t.includes("placement")) return "memory";
+  if (t.includes("offload") || t.includes("cast") || t.includes("placement") || t.includes("sharded")) return "memory";
   if ("hits" in s || "steps_cached" in s || "shallow_calls" in s || t.includes("cache") || t === "tgate") return "cache";
   return "other";
 }

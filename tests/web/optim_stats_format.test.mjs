@@ -145,3 +145,45 @@ test("device placement: bytes per device or the device names, then the memory ke
   assert.equal(techniqueLabel("device_placement"), "Device placement");
   assert.equal(kindOf("device_placement", {}), "memory");
 });
+
+test("no-op, attention backend and channels_last: what they routed or converted in the run", () => {
+  assert.equal(summarize({ calls_routed: 50, output_changed: false }, "noop"), "50 calls routed · output unchanged");
+  assert.equal(summarize({ calls_routed: 1 }, "noop"), "1 call routed");
+  assert.equal(summarize({ backend: "sub_quadratic", attention_calls: 480 }, "attention_backend"),
+    "sub_quadratic · 480 attention calls");
+  assert.equal(summarize({ conv_layers: 24, convs_channels_last: 24, calls: 50 }, "channels_last"),
+    "24/24 convs NHWC · 50 calls");
+  assert.equal(techniqueLabel("attention_backend"), "Attention");
+  assert.equal(techniqueLabel("channels_last"), "channels_last");
+  assert.equal(kindOf("noop", { calls_routed: 3 }), "other");
+});
+
+test("sharded checkpoints: shards and bytes read with the RAM peak, or written and where", () => {
+  const load = { shards_read: 3, bytes_read: 6.5 * 2 ** 30, layout: "comfyui", weights_missing: 0,
+    peak_ram_above_start_bytes: 7.1 * 2 ** 30, load_seconds: 12.34 };
+  assert.equal(summarize(load, "sharded_load"), "3 shards, 6.50 GiB read · RAM +7.10 GiB · 12.3 s");
+  assert.equal(summarize({ ...load, weights_missing: 2, peak_ram_above_start_bytes: null }, "sharded_load"),
+    "3 shards, 6.50 GiB read · 12.3 s · 2 weights missing");
+  const save = { shards_written: 2, bytes_written: 3 * 2 ** 20, folder: "optim_shards/sd15_00001", layout: "comfyui" };
+  assert.equal(summarize(save, "sharded_save"), "2 shards, 3.00 MiB · → optim_shards/sd15_00001");
+  assert.equal(techniqueLabel("sharded_load"), "Sharded load");
+  assert.equal(kindOf("sharded_save", save), "memory");
+  assert.deepEqual(badgeLines([{ technique: "sharded_save", stats: save }]),
+    ["Sharded save: 2 shards, 3.00 MiB · → optim_shards/sd15_00001"]);
+});
+
+test("DiT cache search: configurations tried, the range and steps chosen, speedup and PSNR", () => {
+  const fixed = { configs_tried: 4, candidates_scored: 120, blocks: "2..3 of 4", mode: "fixed", cache_step_start: 2,
+    cache_step_interval: 3, measured_speedup: 1.204, predicted_speedup: 1.3, psnr_db: 32.84, ssim: 0.98 };
+  assert.equal(summarize(fixed, "ditcache_search"),
+    "4 configs tried · blocks 2..3 of 4 from step 2, every 3 · 1.20× measured · 32.8 dB");
+  const adaptive = { ...fixed, mode: "adaptive", threshold: 0.2, cache_step_interval: undefined };
+  assert.match(summarize(adaptive, "ditcache_search"), /from step 2, adaptive 0\.20 ·/);
+  assert.equal(kindOf("ditcache_search", fixed), "cache");
+  assert.equal(formatValue("psnr_db", 32.84), "32.8 dB");
+  // the search's own line, then the runs of the sampler with the cache it chose
+  assert.deepEqual(badgeLines([{ technique: "ditcache_search", stats: fixed },
+    { technique: "ditcache", stats: { steps: 9, hits: "001101101" } }]),
+    ["DiT cache search (run 1): 4 configs tried · blocks 2..3 of 4 from step 2, every 3 · 1.20× measured · 32.8 dB",
+      "DiT cache (run 2): 5/9 steps reused"]);
+});
