@@ -6,8 +6,8 @@ import re
 import numpy as np
 import pytest
 
-from optim import metrics
-from bench import workflow_format as wf
+from optim import metrics, sharded
+from bench import graphs, workflow_format as wf
 from bench.comfy_env import PACK_NAME
 from bench.server import collect_events, execution_error, read_images
 
@@ -29,6 +29,10 @@ ORDER = {"ditcache-search-sd35": 0}
 NAMES = sorted(wf.api_workflows(), key=lambda n: (ORDER.get(n, 1), n))
 SIZE = 64      # px: the factory models are tiny; a workflow that upscales the latent ends larger
 FRAMES = 5     # video workflows
+SHARD_SIZE = "32MB"   # the factory's tiny SD1.5 UNet (88 MB) in three shards
+# pack nodes that send no run statistics: the configuration nodes (their output is a setting), and
+# the VAE and fp8 cast nodes, whose messages come with their own branch
+NO_STATS = {"OptimDiTCacheLoad", "OptimDiTCacheConfig", "OptimVAE", "OptimLayerwiseCast", "OptimLayerwiseCastCLIP"}
 
 
 def shorten(api: dict) -> dict:
@@ -54,6 +58,8 @@ def shorten(api: dict) -> dict:
             inputs["config_json"] = json.dumps(cfg)
         if node["class_type"] == "OptimGroupOffload":   # stream every block, each on its own
             inputs.update(vram_budget_gb=0.0, num_blocks_per_group=1)
+        if node["class_type"] == "OptimSaveModelShards":
+            inputs["max_shard_size"] = SHARD_SIZE
         if node["class_type"] == "OptimVAE" and inputs["tile_size"] > SIZE:   # tile the 128 px decode
             inputs.update(tiling="always", tile_size=SIZE, overlap=16, min_tile_size=SIZE)
     return api
@@ -69,15 +75,48 @@ def factory_prompt(name: str) -> dict:
     return api
 
 
-def saved_node(api: dict) -> str:
-    return next(k for k, n in api.items() if n["class_type"].startswith("Save"))
+def saved_node(api: dict) -> str | None:
+    return next((k for k, n in api.items() if n["class_type"].startswith("Save")), None)
 
 
-def run_logged(server, prompt: dict) -> tuple[dict, str]:
-    """Run `prompt`; its history entry and what the server logged while it ran."""
+def executed(server, api: dict) -> set[str]:
+    """The nodes ComfyUI runs for `api`: the output nodes and what they depend on (the factory swap
+    leaves the text encoder loaders, and what uses their output, unconnected)."""
+    info = server.get("/object_info")
+    todo = [k for k, n in api.items() if info[n["class_type"]].get("output_node")]
+    seen: set[str] = set()
+    while todo:
+        k = todo.pop()
+        if k not in seen:
+            seen.add(k)
+            todo += [v[0] for v in api[k]["inputs"].values() if isinstance(v, list)]
+    return seen
+
+
+def run_logged(server, prompt: dict) -> tuple[dict, str, list]:
+    """Run `prompt`; its history entry, what the server logged while it ran and the run statistics
+    the pack's nodes sent (as the frontend receives them)."""
     start = len(server.log())
-    entry = server.run(prompt)
-    return entry, server.log()[start:]
+    entry, stats = collect_events(server, prompt, "comfyui-optim.stats")
+    return entry, server.log()[start:], stats
+
+
+@pytest.fixture(scope="session")
+def sharded_folder(server):
+    """What the sharded-load workflow loads: the factory's SD1.5 UNet file written as shards in
+    ComfyUI's layout, in the server's models/diffusers under the name the workflow picks."""
+    import safetensors.torch
+    from bench import graphs
+    from optim import sharded
+    api = wf.api_workflows()["sharded-load-sd15"]
+    name = next(n["inputs"]["folder"] for n in api.values() if n["class_type"] == "OptimLoadShardedModel")
+    target = server.base_dir / "models" / "diffusers" / name
+    if not target.exists():
+        unet, _ = graphs.model_files("sd15")
+        state = safetensors.torch.load_file(str(server.base_dir / "models" / "diffusion_models" / unet))
+        sharded.save_sharded(state, target, sharded.parse_shard_size(SHARD_SIZE),
+                             metadata={"comfyui-optim.layout": "comfyui"})
+    return target
 
 
 def test_there_is_a_workflow_for_each_technique_node():
@@ -87,7 +126,8 @@ def test_there_is_a_workflow_for_each_technique_node():
     assert {"OptimLayerwiseCast", "OptimLayerwiseCastCLIP", "OptimVAE", "OptimAttentionBackend",
             "OptimChannelsLast"} <= used
     assert set(NAMES) <= set(wf.notes())
-    assert {"OptimGroupOffload", "OptimGroupOffloadVAE", "OptimGroupOffloadCLIP", "OptimNoop", "OptimDevicePlacement"} <= used
+    assert {"OptimGroupOffload", "OptimGroupOffloadVAE", "OptimGroupOffloadCLIP", "OptimNoop", "OptimDevicePlacement",
+            "OptimLoadShardedModel", "OptimSaveModelShards"} <= used
 
 
 def test_the_stacks_people_want_are_there():
@@ -123,11 +163,28 @@ def test_ui_workflow_is_generated_from_its_api_source(server, name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_workflow_runs_headless_on_factory_models(server, name):
+def test_workflow_runs_headless_on_factory_models(server, sharded_folder, name):
     from PIL import Image
     api = factory_prompt(name)
-    entry, log = run_logged(server, api)
+    entry, log, stats = run_logged(server, api)
     assert execution_error(entry) is None, execution_error(entry)
+    # every pack node that ran sent its badge's statistics in this run
+    sent = {e["node"] for e in stats}
+    silent = [f"{k} ({api[k]['class_type']})" for k in executed(server, api)
+              if api[k]["class_type"].startswith("Optim") and not api[k]["class_type"].startswith("OptimTest")
+              and api[k]["class_type"] not in NO_STATS and k not in sent]
+    assert not silent, f"no run statistics from {silent}"
+    for e in stats:
+        assert e["prompt_id"] == entry["prompt"][1], e
+        if e["technique"] == "sharded_load":
+            assert e["stats"]["shards_read"] == 3 and e["stats"]["weights_missing"] == 0, e
+    if saved_node(api) is None:   # saves no image: the sharded save writes a folder of shards
+        (saved,) = [e["stats"] for e in stats if e["technique"] == "sharded_save"]
+        folder = server.base_dir / "output" / saved["folder"]
+        # the UNet as ComfyUI runs it (fp32 on a CPU: twice the file's fp16), in 32 MB shards
+        assert saved["shards_written"] == len(list(folder.glob("*.safetensors"))) >= 3
+        assert sharded.is_model_folder(folder)
+        return
     paths = server.output_images(entry, saved_node(api))
     side = SIZE * 2 if any(n["class_type"] == "LatentUpscaleBy" for n in api.values()) else SIZE
     assert read_images(paths).shape == (1, side, side, 3)
@@ -186,3 +243,18 @@ def test_video_stack_composes(server):
                                         + offload["prefetch_wasted"])
         moved[cast] = offload["bytes_moved"]
     assert moved[True] < 0.75 * moved[False], moved
+
+
+def test_sharded_load_workflow_samples_like_the_whole_file(server, sharded_folder):
+    """The UNet loaded shard by shard gives the image the same UNet's single file gives."""
+    api = factory_prompt("sharded-load-sd15")
+    api["sampler"]["inputs"]["seed"] += 1                   # not the cached output of the run above
+    images = []
+    for loader in ("sharded", "file"):
+        if loader == "file":
+            unet, _ = graphs.model_files("sd15")
+            api["load"] = {"class_type": "UNETLoader", "inputs": {"unet_name": unet, "weight_dtype": "default"}}
+        entry = server.run(api)
+        assert execution_error(entry) is None, execution_error(entry)
+        images.append(read_images(server.output_images(entry, saved_node(api))))
+    assert np.array_equal(*images)

@@ -31,7 +31,7 @@ def test_every_picture_exists():
 def test_every_workflow_listed_exists():
     table = README.split("## Example workflows", 1)[1].split("\n## ", 1)[0]
     listed = re.findall(r"^\| `([\w-]+)` \|", table, flags=re.M)
-    assert listed
+    assert sorted(listed) == sorted(p.stem for p in (ROOT / "workflows").glob("*.json")), "list every workflow"
     for name in listed:
         assert (ROOT / "workflows" / f"{name}.json").exists(), name
         assert (ROOT / "workflows" / "api" / f"{name}.json").exists(), name
