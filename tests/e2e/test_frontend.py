@@ -191,7 +191,7 @@ QUEUE_AND_READ = """async (graph) => {
 }""" % PACK_NAME
 
 
-def test_memory_node_badges_in_the_video_stack(server, browser):
+def test_memory_node_badges_in_the_video_stack(server, browser, tmp_path):
     """The fp8 + group offload + DiT cache example on the factory's Wan model: the offload node's
     badge says what it streamed, the cache's what it reused."""
     api = wf.swap_in_factory_models(wf.api_workflows()[VIDEO_STACK], "wan21")
@@ -199,7 +199,7 @@ def test_memory_node_badges_in_the_video_stack(server, browser):
         if node["class_type"] == "EmptyHunyuanLatentVideo":
             node["inputs"].update(width=64, height=64, length=5)
         if node["class_type"] == "KSampler":
-            node["inputs"].update(steps=6, seed=1234)     # a prompt no other test ran (no cached outputs)
+            node["inputs"].update(steps=9, seed=1234)     # a prompt no other test ran (no cached outputs)
         if node["class_type"] == "OptimGroupOffload":
             node["inputs"]["vram_budget_gb"] = 0.0        # the tiny model would fit: stream it all
         if node["class_type"] == "OptimDiTCache":
@@ -211,7 +211,34 @@ def test_memory_node_badges_in_the_video_stack(server, browser):
     line = got["offload"]["lines"][0]
     assert line.startswith("Group offload: moved ") and " groups, " in line and "transfers" in line, line
     assert got["cache"]["techniques"] == ["ditcache"] and "steps reused" in got["cache"]["lines"][0]
+    assert "stepped aside" not in got["cache"]["lines"][0], got["cache"]["lines"]
     assert not page_errors, page_errors
+
+    # the README's second picture: the memory nodes and the cache before the sampler, with their
+    # badges; OPTIM_MEMORY_BADGES_SCREENSHOT=docs/frontend-memory-badges.png refreshes it
+    clip = page.evaluate("""() => {
+      const app = window.comfyAPI.app.app, c = app.canvas;
+      const first = app.graph.nodes.find((n) => n.type === "OptimLayerwiseCast");
+      const offload = app.graph.nodes.find((n) => n.type === "OptimGroupOffload");
+      const last = app.graph.nodes.find((n) => n.type === "OptimDiTCache");
+      c.deselectAll?.();
+      c.ds.scale = 1;
+      c.ds.offset = [30 - first.pos[0], 60 - first.pos[1]];
+      c.setDirty(true, true);
+      c.draw(true, true);
+      const box = c.canvas.getBoundingClientRect();
+      const screen = (x, y) => [box.left + (x + c.ds.offset[0]) * c.ds.scale, box.top + (y + c.ds.offset[1]) * c.ds.scale];
+      const [x0, y0] = screen(first.pos[0] - 20, first.pos[1] - 45);
+      const [x1, y1] = screen(last.pos[0] + last.size[0] + 60, Math.max(offload.pos[1] + offload.size[1], last.pos[1] + last.size[1]) + 50);
+      const width = Math.min(x1 - x0, 1480);
+      return { x: Math.max(0, x0), y: Math.max(0, y0), width, height: Math.min(Math.round(y1 - y0), 740) };
+    }""")
+    shot = Path(os.environ.get("OPTIM_MEMORY_BADGES_SCREENSHOT") or tmp_path / "frontend-memory-badges.png")
+    if not shot.is_absolute():
+        shot = REPO_ROOT / shot
+    shot.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(shot), type="png", clip=clip)
+    assert shot.stat().st_size > 10_000
     page.close()
 
 
