@@ -112,6 +112,19 @@ class OptimDiTCache(io.ComfyNode):
         return io.NodeOutput(_apply(cls, model, config, "OptimDiTCache"))
 
 
+def config_stats(config: ditcache.DiTCacheConfig, name: str | None = None) -> dict:
+    """The badge of a configuration node (sent once when it runs): the configuration it gave, and
+    what it was made for."""
+    made_for = " ".join(str(v) for v in (config.family, f"{config.steps} steps" if config.steps else None,
+                                         config.sampler) if v)
+    out = {"note": ditcache_search.describe(config)}
+    if made_for:
+        out["made_for"] = made_for
+    if name:
+        out["name"] = name
+    return out
+
+
 class OptimDiTCacheConfig(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -125,6 +138,7 @@ class OptimDiTCacheConfig(io.ComfyNode):
             inputs=[io.String.Input("config_json", multiline=True, default="",
                                     tooltip="The configuration JSON from OptimDiTCacheSearch.")],
             outputs=[CacheConfig.Output(display_name="config")],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
@@ -137,7 +151,9 @@ class OptimDiTCacheConfig(io.ComfyNode):
 
     @classmethod
     def execute(cls, config_json) -> io.NodeOutput:
-        return io.NodeOutput(ditcache.DiTCacheConfig.from_json(config_json))
+        config = ditcache.DiTCacheConfig.from_json(config_json)
+        stats_sender(node_id_of(cls), "ditcache_config")(config_stats(config))
+        return io.NodeOutput(config)
 
 
 class OptimDiTCacheLoad(io.ComfyNode):
@@ -152,6 +168,7 @@ class OptimDiTCacheLoad(io.ComfyNode):
             inputs=[io.Combo.Input("name", options=names or [""],
                                    tooltip="Saved configurations; run a search with save_as to add one.")],
             outputs=[CacheConfig.Output(display_name="config")],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
@@ -172,7 +189,9 @@ class OptimDiTCacheLoad(io.ComfyNode):
 
     @classmethod
     def execute(cls, name) -> io.NodeOutput:
-        return io.NodeOutput(config_store().load(name))
+        config = config_store().load(name)
+        stats_sender(node_id_of(cls), "ditcache_config")(config_stats(config, name))
+        return io.NodeOutput(config)
 
 
 def _samplers():

@@ -22,6 +22,7 @@ export const TECHNIQUE_LABELS = {
   sharded_load: "Sharded load",
   sharded_save: "Sharded save",
   ditcache_search: "DiT cache search",
+  ditcache_config: "DiT cache config",
 };
 
 export function techniqueLabel(technique) {
@@ -198,11 +199,17 @@ function searchParts(s, push, take) {
   if (isNumber(s.psnr_db)) push(`${formatNumber(s.psnr_db)} dB`, "psnr_db");
 }
 
+// OptimDiTCacheConfig / Load: the configuration (its description is the `note`) and what it was made for
+function configParts(s, push, take) {
+  take("name");
+  if (typeof s.made_for === "string" && s.made_for) push(`for ${s.made_for}`, "made_for");
+}
+
 const TECHNIQUE_PARTS = {
   group_offload: offloadParts, vae: vaeParts, vae_tiling: vaeParts, layerwise_cast: castParts,
   device_placement: placementParts, noop: noopParts, attention_backend: attentionParts,
   channels_last: channelsLastParts, sharded_load: shardedLoadParts, sharded_save: shardedSaveParts,
-  ditcache_search: searchParts,
+  ditcache_search: searchParts, ditcache_config: configParts,
 };
 
 // The parts of the compact summary: the technique's own first, then the well-known keys it left,

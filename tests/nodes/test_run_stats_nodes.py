@@ -148,3 +148,20 @@ def test_search_node_sends_its_stats(comfy_nodes, server, monkeypatch):
     # the sampling with the configuration found reports as the DiT cache, from the same node
     factory.sample(model, "flux", steps=8, cfg=1.0, width=64, height=64)
     assert len(stats_of(server, "12", "ditcache")) == 1
+
+
+def test_config_and_load_nodes_send_the_configuration_they_give(comfy_nodes, server, monkeypatch, tmp_path):
+    import folder_paths
+    from optim import ditcache
+    monkeypatch.setattr(folder_paths, "get_user_directory", lambda: str(tmp_path))
+    inline = as_run_by_comfyui(monkeypatch, node(comfy_nodes, "OptimDiTCacheConfig"), "c")
+    load = as_run_by_comfyui(monkeypatch, node(comfy_nodes, "OptimDiTCacheLoad"), "l")
+    config = ditcache.DiTCacheConfig(cache_block_start=1, cache_num_blocks=2, cache_step_start=2, cache_step_interval=2,
+                                     family="flux", num_blocks=4, steps=20, sampler="euler")
+    inline.execute(config_json=config.to_json())
+    ditcache_nodes = sys.modules[inline.__module__]
+    ditcache_nodes.config_store().save("flux tiny", config)
+    assert load.execute(name="flux tiny").result[0].to_json() == config.to_json()
+    expected = {"note": "blocks 1..2 of 4, cached from step 2, refresh every 2 steps", "made_for": "flux 20 steps euler"}
+    assert stats_of(server, "c", "ditcache_config") == [expected]
+    assert stats_of(server, "l", "ditcache_config") == [{**expected, "name": "flux tiny"}]

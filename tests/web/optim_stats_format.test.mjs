@@ -187,3 +187,12 @@ test("DiT cache search: configurations tried, the range and steps chosen, speedu
     ["DiT cache search (run 1): 4 configs tried · blocks 2..3 of 4 from step 2, every 3 · 1.20× measured · 32.8 dB",
       "DiT cache (run 2): 5/9 steps reused"]);
 });
+
+test("DiT cache config and load: the configuration given and what it was made for", () => {
+  const stats = { note: "blocks 1..2 of 4, cached from step 2, refresh every 2 steps", made_for: "flux 20 steps euler",
+    name: "flux-dev 20 euler" };
+  assert.equal(summarize(stats, "ditcache_config"),
+    "blocks 1..2 of 4, cached from step 2, refresh every 2 steps · for flux 20 steps euler");
+  assert.equal(techniqueLabel("ditcache_config"), "DiT cache config");
+  assert.equal(kindOf("ditcache_config", stats), "cache");
+});
