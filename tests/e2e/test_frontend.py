@@ -242,6 +242,46 @@ def test_memory_node_badges_in_the_video_stack(server, browser, tmp_path):
     page.close()
 
 
+QUEUE_AND_READ_NODES = """async ({graph, types}) => {
+  const app = window.comfyAPI.app.app, api = window.comfyAPI.api.api;
+  await app.loadGraphData(graph, true, true, "optim-speed-badges-test");
+  const done = new Promise((resolve) => {
+    api.addEventListener("execution_success", () => resolve(null));
+    api.addEventListener("execution_error", (e) => resolve(e.detail.exception_message));
+  });
+  await app.queuePrompt(0, 1);
+  const error = await done;
+  const fmt = await import("/extensions/%s/optim_stats_format.js");
+  const out = { error };
+  for (const type of types) {
+    const node = app.graph.nodes.find((n) => n.type === type);
+    out[type] = fmt.badgeLines(node.optimRuns || []);
+  }
+  return out;
+}""" % PACK_NAME
+
+
+def test_speed_and_control_node_badges(server, browser):
+    """The speed-knobs example with a no-op control added before the sampler: the attention
+    backend's badge names the backend and the attention calls, channels_last the convolutions in
+    NHWC and the calls, the no-op the calls it routed."""
+    name = "speed-knobs-sd15"
+    api = wf.swap_in_factory_models(wf.api_workflows()[name], "sd15")
+    api["noop"] = {"class_type": "OptimNoop", "inputs": {"model": ["channels_last", 0]}}
+    api["sampler"]["inputs"].update(model=["noop", 0], steps=4, seed=4321)   # no cached outputs
+    api["latent"]["inputs"].update(width=64, height=64)
+    page, page_errors = open_page(server, browser)
+    types = ["OptimAttentionBackend", "OptimChannelsLast", "OptimNoop"]
+    got = page.evaluate(QUEUE_AND_READ_NODES, {"graph": wf.api_to_ui(api, server.get("/object_info")), "types": types})
+    assert got["error"] is None, got["error"]
+    (attention,), (channels,), (noop,) = (got[t] for t in types)
+    assert attention.startswith("Attention: pytorch_sdpa · ") and attention.endswith(" attention calls"), attention
+    assert channels.startswith("channels_last: ") and "convs NHWC · 4 calls" in channels, channels
+    assert noop == "No-op: 4 calls routed · output unchanged", noop
+    assert not page_errors, page_errors
+    page.close()
+
+
 OPEN_TEMPLATES = """async (names) => {
   const app = window.comfyAPI.app.app;
   const out = {};
