@@ -42,10 +42,11 @@ def install(models_dir: Path) -> Path:
     clip = text_encoder.write_clip_l(work_dir() / CLIP_FILE)
     links = [("diffusion_models", DIT_FILE, shipped(DIT_FILE)), ("vae", VAE_FILE, shipped(VAE_FILE)),
              ("text_encoders", CLIP_FILE, clip)]
-    if (WEIGHTS_DIR / UNET_SLIM_FILE).exists() and (WEIGHTS_DIR / VAE4_FILE).exists():
+    if (WEIGHTS_DIR / VAE4_FILE).exists():
+        links.append(("vae", VAE4_FILE, shipped(VAE4_FILE)))
+    if (WEIGHTS_DIR / UNET_SLIM_FILE).exists():
         from bench.reference import unet
-        links += [("diffusion_models", UNET_FILE, unet.write_full(WEIGHTS_DIR / UNET_SLIM_FILE)),
-                  ("vae", VAE4_FILE, shipped(VAE4_FILE))]
+        links.append(("diffusion_models", UNET_FILE, unet.write_full(WEIGHTS_DIR / UNET_SLIM_FILE)))
     for sub, name, src in links:
         link = models_dir / sub / name
         link.parent.mkdir(parents=True, exist_ok=True)
