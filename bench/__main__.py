@@ -152,10 +152,11 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             print(f"unknown technique(s) {unknown}; known: {', '.join(techniques.TECHNIQUES)}", file=sys.stderr)
             return 2
+        out = args.out or ref_bench.results_path(args.model)
         result = ref_bench.run(names, prompts=args.prompts, steps=args.steps, repeats=args.repeats,
-                               threads=args.threads, model=args.model)
+                               threads=args.threads, model=args.model, grid_path=out.with_suffix(".png"))
         print(ref_bench.summary(result))
-        print(f"saved {ref_bench.save(result, args.out, args.model)}")
+        print(f"saved {ref_bench.save(result, out, args.model)}")
         return 0
     if args.command == "sweep-ditcache":
         from bench import ditcache_sweep

@@ -40,7 +40,8 @@ def results_path(model: str) -> Path:
 
 
 def run(technique_names=DEFAULT_TECHNIQUES, prompts: int = 24, steps: int = 20, repeats: int = 1,
-        threads: int = 1, log=print, model: str = "dit") -> dict:
+        threads: int = 1, log=print, model: str = "dit", grid_path: Path | None = None,
+        grid_prompts: int = 8) -> dict:
     from bench import comfy_env
     comfy_env.load_comfyui_in_process(Path(tempfile.mkdtemp(prefix="optim-ref-bench-")))
     import torch
@@ -90,10 +91,20 @@ def run(technique_names=DEFAULT_TECHNIQUES, prompts: int = 24, steps: int = 20, 
             stats[name].append(technique_stats(arms[name]))
             images[name].append(img[0].float())
         log(f"  prompt {i + 1}/{len(chosen)}: " + ", ".join(f"{n} {times[n][-1]:.2f}s" for n in arms))
+    if grid_path is not None:  # rows: the first prompts; columns: the arms; 2x nearest upscale
+        from PIL import Image
+        rows = min(grid_prompts, len(chosen))
+        cols = [torch.cat([images[name][r] for r in range(rows)], dim=0) for name in arms]
+        grid = (torch.cat(cols, dim=1).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+        grid_path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(grid.repeat(2, axis=0).repeat(2, axis=1)).save(grid_path)
+        log(f"grid (rows: first {rows} prompts; columns: {', '.join(arms)}): {grid_path}")
     base_t = statistics.median(times["uncached"])
     result = {"model": spec["title"], "prompts": len(chosen), "steps": steps, "torch_threads": torch.get_num_threads(), "cfg": graphs.CFG, "sampler": graphs.SAMPLER,
               "scheduler": graphs.SCHEDULER, "weights": "trained (bench/reference/weights)",
-              "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"), "arms": {}}
+              "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"),
+              "grid": str(grid_path.relative_to(REPO_ROOT)) if grid_path and grid_path.is_relative_to(REPO_ROOT)
+              else (str(grid_path) if grid_path else None), "arms": {}}
     for name in arms:
         imgs = torch.stack(images[name])
         base = torch.stack(images["uncached"])
