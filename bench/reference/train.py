@@ -1,6 +1,6 @@
 """Train the reference models from scratch, reproducibly from a seed, on the CPU (or a GPU).
 
-    python -m bench.reference.train [--stages vae embed dit] [--seed 0]
+    python -m bench.reference.train [--stages vae vae-decoder embed dit vae4 unet] [--seed 0]
 
 Stages (each reads what the previous ones left in the work folder, so a stage can be rerun alone):
   vae    the 16-channel TAESD-format VAE (bench/reference/vae.py)
@@ -94,14 +94,14 @@ def stage_vae_decoder(args, log, channels: int = 16) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.reference.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stages", nargs="+", default=["vae", "vae-decoder", "embed", "dit"],
+    parser.add_argument("--stages", nargs="+", default=["vae", "vae-decoder", "embed", "dit", "vae4", "unet"],
                         choices=["vae", "vae-decoder", "embed", "dit", "vae4", "vae4-decoder", "unet"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vae-steps", type=int, default=1200)
     parser.add_argument("--vae-batch", type=int, default=16)
     parser.add_argument("--vae-lr", type=float, default=1e-3)
     parser.add_argument("--vae-decoder-steps", type=int, default=1500)
-    parser.add_argument("--vae4-steps", type=int, default=1500)
+    parser.add_argument("--vae4-steps", type=int, default=3000)
     parser.add_argument("--vae4-decoder-steps", type=int, default=600)
     parser.add_argument("--dit-steps", type=int, default=2000)
     parser.add_argument("--dit-batch", type=int, default=32)
@@ -111,7 +111,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dit-samples", type=int, default=12000)
     parser.add_argument("--dit-resume", action="store_true",
                         help="start from the shipped DiT weights instead of a fresh init")
-    parser.add_argument("--unet-steps", type=int, default=6000)
+    parser.add_argument("--unet-steps", type=int, default=5000)
     parser.add_argument("--unet-batch", type=int, default=32)
     parser.add_argument("--unet-lr", type=float, default=1e-3)
     parser.add_argument("--unet-ema", type=float, default=0.998)
