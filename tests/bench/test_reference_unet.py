@@ -84,13 +84,16 @@ def reference_unet(comfy_nodes):
 
 
 def test_shipped_slim_unet_regenerates_the_recorded_bits(reference_unet):
-    """The expanded file on this machine holds the bits recorded when the weights were trained."""
+    """Expanding the shipped slim weights here gives the bits recorded when they were trained,
+    and the file the loader reads holds them."""
     import safetensors
     import safetensors.torch
     from bench.reference import unet as ru
-    with safetensors.safe_open(str(WEIGHTS_DIR / graphs.UNET_SLIM_FILE), "pt") as f:
+    slim_path = WEIGHTS_DIR / graphs.UNET_SLIM_FILE
+    with safetensors.safe_open(str(slim_path), "pt") as f:
         recorded = f.metadata()["expanded_sha256"]
-    full = safetensors.torch.load_file(str(ru.write_full(WEIGHTS_DIR / graphs.UNET_SLIM_FILE)))
+    assert ru.state_dict_digest(ru.expanded_fp16(ru.shipped_state_dict(slim_path))) == recorded
+    full = safetensors.torch.load_file(str(ru.write_full(slim_path)))
     assert ru.state_dict_digest(full) == recorded
 
 
