@@ -1,6 +1,6 @@
 """Train the reference models from scratch, reproducibly from a seed, on the CPU (or a GPU).
 
-    python -m bench.reference.train [--stages vae vae-decoder embed dit vae4 unet] [--seed 0]
+    python -m bench.reference.train [--stages vae vae-decoder embed dit vae4 vae4-decoder unet] [--seed 0]
 
 Stages (each reads what the previous ones left in the work folder, so a stage can be rerun alone):
   vae    the 16-channel TAESD-format VAE (bench/reference/vae.py)
@@ -94,7 +94,7 @@ def stage_vae_decoder(args, log, channels: int = 16) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.reference.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stages", nargs="+", default=["vae", "vae-decoder", "embed", "dit", "vae4", "unet"],
+    parser.add_argument("--stages", nargs="+", default=["vae", "vae-decoder", "embed", "dit", "vae4", "vae4-decoder", "unet"],
                         choices=["vae", "vae-decoder", "embed", "dit", "vae4", "vae4-decoder", "unet"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vae-steps", type=int, default=1200)
