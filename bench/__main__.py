@@ -100,10 +100,13 @@ def main(argv: list[str] | None = None) -> int:
     vae.add_argument("--memory-size", type=int, default=1024, help="image side of the peak-memory run; 0: skip")
     vae.add_argument("--no-video", action="store_true")
     vae.add_argument("--out", type=Path, default=None)
-    ref = sub.add_parser("reference", help="caching techniques on the trained reference DiT: speedup, "
-                         "prompt adherence, PSNR, SSIM (bench/reference/bench.py)")
+    ref = sub.add_parser("reference", help="caching techniques on the trained reference DiT or UNet: "
+                         "speedup, prompt adherence, PSNR, SSIM (bench/reference/bench.py)")
     ref.add_argument("techniques", nargs="*", default=None, help="default: noop, ditcache_wide, "
-                     "ditcache_adaptive_wide, easycache, lazycache")
+                     "ditcache_adaptive_wide, easycache, lazycache (dit); noop, deepcache3, deepcache5, "
+                     "tgate, tgate_deepcache3 (unet)")
+    ref.add_argument("--model", default="dit", choices=["dit", "unet"],
+                     help="dit: the SD3 MMDiT; unet: the SD1.5 UNet")
     ref.add_argument("--prompts", type=_positive, default=24, help="first N of the fixed prompt set")
     ref.add_argument("--steps", type=_positive, default=20)
     ref.add_argument("--repeats", type=_positive, default=1, help="timed runs per prompt (the fastest counts)")
@@ -151,15 +154,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"saved {lf.save(result, args.out)}")
     if args.command == "reference":
         from bench.reference import bench as ref_bench
-        names = args.techniques or ref_bench.DEFAULT_TECHNIQUES
+        names = args.techniques or ref_bench.default_techniques(args.model)
         unknown = [n for n in names if n not in techniques.TECHNIQUES]
         if unknown:
             print(f"unknown technique(s) {unknown}; known: {', '.join(techniques.TECHNIQUES)}", file=sys.stderr)
             return 2
+        out = args.out or ref_bench.results_path(args.model)
         result = ref_bench.run(names, prompts=args.prompts, steps=args.steps, repeats=args.repeats,
-                               threads=args.threads)
+                               threads=args.threads, model=args.model, grid_path=out.with_suffix(".png"))
         print(ref_bench.summary(result))
-        print(f"saved {ref_bench.save(result, args.out)}")
+        print(f"saved {ref_bench.save(result, out, args.model)}")
         return 0
     if args.command == "sweep-ditcache":
         from bench import ditcache_sweep

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.reference_prompts:
         from bench.reference import demo as ref_demo
         from bench.reference import graphs as ref_graphs
-        ref_graphs.install(base / "models")  # trained DiT + VAE (shipped), CLIP-L (regenerated)
+        ref_graphs.install(base / "models")  # trained DiT, UNet, VAEs (shipped), CLIP-L (regenerated)
 
     results = []  # (family, variant, median wall s, PSNR, SSIM)
     print(f"[demo] starting ComfyUI ({root}) headless on a loopback port ...")
@@ -99,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
                                 statistics.median(times["plain"]), *fidelity[name]))
         if args.reference_prompts:
             ref_rows = ref_demo.run(server, OUTPUT, steps=args.steps, prompts=args.reference_prompts)
+            unet_rows = ref_demo.run(server, OUTPUT, steps=args.steps, prompts=args.reference_prompts,
+                                     model="unet")
 
     print(f"\nHeadless ComfyUI, {args.steps} steps, 64x64, generated weights; wall time per prompt "
           f"from the server's timestamps, median of {args.repeats} alternating repeats:")
@@ -108,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.reference_prompts:
         print("\n" + ref_demo.report(ref_rows, args.steps, args.reference_prompts))
         print(f"grid (rows: prompts, columns: graphs): {OUTPUT / 'reference-grid.png'}")
+        print("\n" + ref_demo.report(unet_rows, args.steps, args.reference_prompts, "unet"))
+        print(f"grid (rows: prompts, columns: graphs): {OUTPUT / ref_demo.grid_name('unet')}")
     print(f"\nimages: {OUTPUT}")
     return 0
 

@@ -1,6 +1,6 @@
-"""Caching techniques on the trained reference DiT: speed, prompt adherence, PSNR and SSIM.
+"""Caching techniques on the trained reference models: speed, prompt adherence, PSNR and SSIM.
 
-    python -m bench reference [techniques ...] [--prompts 24] [--steps 20] [--repeats 1]
+    python -m bench reference [techniques ...] [--model dit|unet] [--prompts 24] [--steps 20] [--repeats 1]
 
 One process. The shipped models are loaded once through the standard loader nodes (see
 `bench.reference.graphs.InProcess`); each technique is applied through the pack's node exactly as
@@ -25,11 +25,23 @@ from bench.comfy_env import REPO_ROOT
 
 # the reference DiT has 2 blocks: the DiT cache variants that keep the first block cached
 DEFAULT_TECHNIQUES = ("noop", "ditcache_wide", "ditcache_adaptive_wide", "easycache", "lazycache")
-RESULTS = REPO_ROOT / "bench" / "results" / "reference" / "techniques.json"  # outside the run tables
+# the reference UNet (SD1.5 layout): DeepCache, T-GATE and both stacked
+UNET_TECHNIQUES = ("noop", "deepcache3", "deepcache5", "tgate", "tgate_deepcache3")
+RESULTS_DIR = REPO_ROOT / "bench" / "results" / "reference"  # outside the run tables
+RESULTS = RESULTS_DIR / "techniques.json"
+
+
+def default_techniques(model: str) -> tuple[str, ...]:
+    return UNET_TECHNIQUES if model == "unet" else DEFAULT_TECHNIQUES
+
+
+def results_path(model: str) -> Path:
+    return RESULTS if model == "dit" else RESULTS_DIR / f"techniques-{model}.json"
 
 
 def run(technique_names=DEFAULT_TECHNIQUES, prompts: int = 24, steps: int = 20, repeats: int = 1,
-        threads: int = 1, log=print) -> dict:
+        threads: int = 1, log=print, model: str = "dit", grid_path: Path | None = None,
+        grid_prompts: int = 8) -> dict:
     from bench import comfy_env
     comfy_env.load_comfyui_in_process(Path(tempfile.mkdtemp(prefix="optim-ref-bench-")))
     import torch
@@ -45,12 +57,13 @@ def run(technique_names=DEFAULT_TECHNIQUES, prompts: int = 24, steps: int = 20, 
     from bench.runner import _count_calls, technique_stats
     from optim.metrics import psnr, ssim
 
-    ref = graphs.InProcess()
+    ref = graphs.InProcess(model)
+    spec = graphs.MODELS[model]
     arms = {"uncached": ref.model}
     for name in technique_names:
         tech = techniques.technique(name)
-        if tech.families is not None and "sd3" not in tech.families:
-            raise ValueError(f"{name} does not apply to the reference DiT (an SD3 MMDiT)")
+        if tech.families is not None and spec["family"] not in tech.families:
+            raise ValueError(f"{name} does not apply to the {spec['title']}")
         arms[name] = tech.apply(ref.model)
     counters = {name: [0] for name in arms}
     models = {name: _count_calls(m, counters[name]) for name, m in arms.items()}
@@ -78,10 +91,20 @@ def run(technique_names=DEFAULT_TECHNIQUES, prompts: int = 24, steps: int = 20, 
             stats[name].append(technique_stats(arms[name]))
             images[name].append(img[0].float())
         log(f"  prompt {i + 1}/{len(chosen)}: " + ", ".join(f"{n} {times[n][-1]:.2f}s" for n in arms))
+    if grid_path is not None:  # rows: the first prompts; columns: the arms; 2x nearest upscale
+        from PIL import Image
+        rows = min(grid_prompts, len(chosen))
+        cols = [torch.cat([images[name][r] for r in range(rows)], dim=0) for name in arms]
+        grid = (torch.cat(cols, dim=1).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+        grid_path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(grid.repeat(2, axis=0).repeat(2, axis=1)).save(grid_path)
+        log(f"grid (rows: first {rows} prompts; columns: {', '.join(arms)}): {grid_path}")
     base_t = statistics.median(times["uncached"])
-    result = {"prompts": len(chosen), "steps": steps, "torch_threads": torch.get_num_threads(), "cfg": graphs.CFG, "sampler": graphs.SAMPLER,
+    result = {"model": spec["title"], "prompts": len(chosen), "steps": steps, "torch_threads": torch.get_num_threads(), "cfg": graphs.CFG, "sampler": graphs.SAMPLER,
               "scheduler": graphs.SCHEDULER, "weights": "trained (bench/reference/weights)",
-              "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"), "arms": {}}
+              "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"),
+              "grid": str(grid_path.relative_to(REPO_ROOT)) if grid_path and grid_path.is_relative_to(REPO_ROOT)
+              else (str(grid_path) if grid_path else None), "arms": {}}
     for name in arms:
         imgs = torch.stack(images[name])
         base = torch.stack(images["uncached"])
@@ -98,9 +121,12 @@ def run(technique_names=DEFAULT_TECHNIQUES, prompts: int = 24, steps: int = 20, 
 
 
 def summary(result: dict) -> str:
-    lines = [f"reference DiT (SD3 MMDiT, trained), {result['prompts']} prompts, {result['steps']} steps, "
-             f"cfg {result['cfg']} (a 1.3M-parameter model: per-call Python overhead dominates CPU wall "
-             f"time, so speedups here say little; adherence and fidelity are the point)",
+    title = result.get("model", "reference DiT (SD3 MMDiT)")
+    note = ("a 1.3M-parameter model: per-call Python overhead dominates CPU wall time, so speedups here "
+            "say little; adherence and fidelity are the point") if "DiT" in title else \
+        "a 44M-parameter 320-channel SD1.5 UNet, trained"
+    lines = [f"{title}, trained, {result['prompts']} prompts, {result['steps']} steps, "
+             f"cfg {result['cfg']} ({note})",
              f"{'arm':22s} {'speedup':>8s} {'calls':>6s} {'adherence':>9s} {'PSNR dB':>8s} {'SSIM':>6s}"]
     for name, a in result["arms"].items():
         p = "inf" if a["psnr_db"] == float("inf") else f"{a['psnr_db']:.2f}"
@@ -111,8 +137,8 @@ def summary(result: dict) -> str:
     return "\n".join(lines)
 
 
-def save(result: dict, out: Path | None = None) -> Path:
-    out = out or RESULTS
+def save(result: dict, out: Path | None = None, model: str = "dit") -> Path:
+    out = out or results_path(model)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     return out

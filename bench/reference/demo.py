@@ -13,22 +13,30 @@ from bench.reference import adherence as ad
 from bench.reference import dataset as ds
 
 TECHNIQUES = ("ditcache_wide", "ditcache_adaptive_wide", "easycache", "lazycache")
+UNET_TECHNIQUES = ("deepcache3", "deepcache5", "tgate", "tgate_deepcache3")
 
 
-def run(server, out_dir: Path, steps: int = 20, prompts: int = 8, techniques=TECHNIQUES) -> list[tuple]:
+def grid_name(model: str) -> str:
+    return "reference-grid.png" if model == "dit" else f"reference-grid-{model}.png"
+
+
+def run(server, out_dir: Path, steps: int = 20, prompts: int = 8, techniques=None,
+        model: str = "dit") -> list[tuple]:
     from PIL import Image
 
     from bench import techniques as registry
     from bench.reference.evaluate import run_prompts
     from optim.metrics import psnr, ssim
+    if techniques is None:
+        techniques = UNET_TECHNIQUES if model == "unet" else TECHNIQUES
     chosen = ds.PROMPTS[:prompts]
     arms = {"uncached": ()}
     arms.update({name: [(n, dict(p)) for n, p in registry.technique(name).stack] for name in techniques})
-    run_prompts(server, chosen[:1], seed=999, steps=2)  # warm-up: loads the models
+    run_prompts(server, chosen[:1], seed=999, steps=2, model=model)  # warm-up: loads the models
     images, seconds = {}, {}
     for name, stack in arms.items():
         images[name], seconds[name] = run_prompts(server, chosen, steps=steps, optim=stack,
-                                                  prefix=f"demo-ref-{name}")
+                                                  prefix=f"demo-ref-{model}-{name}", model=model)
     rows = []
     base = images["uncached"].astype(np.float32) / 255
     import torch
@@ -42,14 +50,15 @@ def run(server, out_dir: Path, steps: int = 20, prompts: int = 8, techniques=TEC
     cols = [np.concatenate(list(images[name]), axis=0) for name in arms]
     grid = np.concatenate(cols, axis=1).repeat(2, axis=0).repeat(2, axis=1)
     out_dir.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid).save(out_dir / "reference-grid.png")
-    (out_dir / "reference-grid.txt").write_text(
+    Image.fromarray(grid).save(out_dir / grid_name(model))
+    (out_dir / grid_name(model)).with_suffix(".txt").write_text(
         "columns: " + ", ".join(arms) + "\nrows:\n" + "\n".join(chosen) + "\n")
     return rows
 
 
-def report(rows, steps: int, prompts: int) -> str:
-    lines = [f"Trained reference DiT (SD3 MMDiT), {prompts} prompts of the fixed set, {steps} steps; "
+def report(rows, steps: int, prompts: int, model: str = "dit") -> str:
+    from bench.reference.graphs import MODELS
+    lines = [f"Trained {MODELS[model]['title']}, {prompts} prompts of the fixed set, {steps} steps; "
              "standard loaders + CLIPTextEncode:",
              f"{'graph':22s} {'adherence':>9s} {'wall s':>8s} {'speedup':>8s} {'PSNR dB':>8s} {'SSIM':>7s}"]
     for name, adh, t, t_plain, p, s in rows:

@@ -1,6 +1,6 @@
 """Prompt adherence of the shipped reference models through a standard ComfyUI graph, headless.
 
-    python -m bench.reference.evaluate [--prompts 72] [--steps 20] [--cfg 4] [--seed 0]
+    python -m bench.reference.evaluate [--model dit|unet] [--prompts 72] [--steps 20] [--cfg 4] [--seed 0]
 
 Starts `main.py --cpu` on a loopback port, submits one API-format graph per prompt of the fixed
 prompt set (CLIPLoader + CLIPTextEncode, UNETLoader, VAELoader, EmptySD3LatentImage, KSampler,
@@ -27,13 +27,13 @@ RESULTS = REPO_ROOT / "bench" / "results" / "reference"  # not a `bench run` res
 
 
 def run_prompts(server, prompts, *, seed=0, steps=graphs.STEPS, cfg=graphs.CFG, optim=(),
-                prefix="ref") -> tuple[np.ndarray, list[float]]:
+                prefix="ref", model="dit") -> tuple[np.ndarray, list[float]]:
     """Images (uint8 [N, 64, 64, 3]) and per-prompt execution seconds, one graph per prompt."""
     from bench.server import execution_error, read_images
     images, seconds = [], []
     for i, prompt in enumerate(prompts):
         entry = server.run(graphs.txt2img(prompt, seed=seed + i, steps=steps, cfg=cfg, optim=list(optim),
-                                          filename_prefix=f"{prefix}-{i:03d}"))
+                                          filename_prefix=f"{prefix}-{i:03d}", model=model))
         err = execution_error(entry)
         if err:
             raise RuntimeError(f"prompt {prompt!r} failed: {err.get('exception_message')}")
@@ -56,16 +56,21 @@ def grid(images: np.ndarray, columns: int = 12) -> np.ndarray:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.reference.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="dit", choices=sorted(graphs.MODELS),
+                        help="dit: the SD3 MMDiT; unet: the SD1.5 UNet")
     parser.add_argument("--prompts", type=int, default=len(ds.PROMPTS))
     parser.add_argument("--steps", type=int, default=graphs.STEPS)
     parser.add_argument("--cfg", type=float, default=graphs.CFG)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--base", type=Path, default=None, help="ComfyUI base directory (default: a temp dir)")
-    parser.add_argument("--out", type=Path, default=RESULTS / "adherence.json")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default: bench/results/reference/adherence.json (dit), adherence-unet.json (unet)")
     parser.add_argument("--server-threads", type=int, default=1,
                         help="OMP_NUM_THREADS of the server (0: leave it; 1 is far faster for this "
                              "small model on a shared CPU)")
     args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = RESULTS / ("adherence.json" if args.model == "dit" else f"adherence-{args.model}.json")
     root, why = find_comfyui()
     if root is None:
         print(f"needs ComfyUI: {why}", file=sys.stderr)
@@ -85,9 +90,10 @@ def main(argv=None) -> int:
         os.environ["OMP_NUM_THREADS"] = str(args.server_threads)  # the server inherits it
     t0 = time.time()
     with ComfyServer(base) as server:
-        images, seconds = run_prompts(server, prompts, seed=args.seed, steps=args.steps, cfg=args.cfg)
+        images, seconds = run_prompts(server, prompts, seed=args.seed, steps=args.steps, cfg=args.cfg,
+                                      model=args.model)
     result = ad.adherence(images, prompts)
-    record = {"adherence": result["adherence"], "per_attribute": result["per_attribute"],
+    record = {"model": graphs.MODELS[args.model]["title"], "adherence": result["adherence"], "per_attribute": result["per_attribute"],
               "prompts": len(prompts), "steps": args.steps, "cfg": args.cfg, "seed": args.seed,
               "sampler": graphs.SAMPLER, "scheduler": graphs.SCHEDULER,
               "median_prompt_s": float(np.median(seconds)), "wall_s": time.time() - t0,
@@ -96,7 +102,7 @@ def main(argv=None) -> int:
     args.out.write_text(json.dumps(record, indent=2) + "\n")
     grid_path = args.out.with_suffix(".png")
     Image.fromarray(grid(images)).save(grid_path)
-    print(f"adherence {result['adherence']:.3f} over {len(prompts)} prompts ({args.steps} steps, "
+    print(f"{graphs.MODELS[args.model]['title']}: adherence {result['adherence']:.3f} over {len(prompts)} prompts ({args.steps} steps, "
           f"cfg {args.cfg}); per attribute: "
           + ", ".join(f"{k} {v:.2f}" for k, v in result["per_attribute"].items()))
     print(f"saved {args.out} and {grid_path}")

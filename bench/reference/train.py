@@ -1,12 +1,15 @@
 """Train the reference models from scratch, reproducibly from a seed, on the CPU (or a GPU).
 
-    python -m bench.reference.train [--stages vae embed dit] [--seed 0]
+    python -m bench.reference.train [--stages vae vae-decoder embed dit vae4 vae4-decoder unet] [--seed 0]
 
 Stages (each reads what the previous ones left in the work folder, so a stage can be rerun alone):
   vae    the 16-channel TAESD-format VAE (bench/reference/vae.py)
   vae-decoder  more decoder training, encoder frozen (same latents: the DiT stays valid)
   embed  the generated CLIP-L's CLIPTextEncode output for every caption of the grammar
   dit    the SD3-architecture MMDiT (bench/reference/dit.py)
+  vae4   the 4-channel (SD-style latents) TAESD-format VAE, for the UNet
+  vae4-decoder  its decoder-only fine-tune
+  unet   the SD1.5-architecture UNet, trained slim and shipped slim (bench/reference/unet.py)
 Shipped results go to bench/reference/weights/ (fp16 safetensors); intermediates (the generated
 CLIP-L, slim VAE, encoded latents, embeddings) to ~/.cache/comfyui-optim/reference/.
 Each stage logs its wall time; the totals land in weights/training.json.
@@ -25,6 +28,12 @@ from bench.reference import WEIGHTS_DIR, work_dir
 
 VAE_FILE = "optim-ref-taesd3.safetensors"
 DIT_FILE = "optim-ref-sd3.safetensors"
+VAE4_FILE = "optim-ref-taesd15.safetensors"   # 4-channel SD-style latents (the UNet's)
+
+
+def vae_layout(channels: int) -> tuple[str, str, str]:
+    """(shipped file, slim state file in the work folder, ComfyUI latent format) per latent width."""
+    return {16: (VAE_FILE, "slim_vae16.pt", "SD3"), 4: (VAE4_FILE, "slim_vae4.pt", "SD15")}[channels]
 
 
 def _save_fp16(sd: dict, path: Path, meta: dict) -> None:
@@ -41,53 +50,59 @@ def _save_fp16(sd: dict, path: Path, meta: dict) -> None:
     tmp.replace(path)
 
 
-def stage_vae(args, log) -> dict:
+def stage_vae(args, log, channels: int = 16) -> dict:
     import comfy.latent_formats
     import numpy as np
     from bench.reference import vae as rv
+    file, slim_file, latent_format = vae_layout(channels)
     t0 = time.time()
-    for stale in work_dir().glob("latents_*.pt"):  # encoded by the previous VAE
+    for stale in work_dir().glob(f"latents{'' if channels == 16 else channels}_*.pt"):  # encoded by the previous VAE
         stale.unlink()
-    vae, stats = rv.train(16, steps=args.vae_steps, batch=args.vae_batch, seed=args.seed, lr=args.vae_lr,
+    steps = args.vae_steps if channels == 16 else args.vae4_steps
+    vae, stats = rv.train(channels, steps=steps, batch=args.vae_batch, seed=args.seed, lr=args.vae_lr,
                           log=log)
-    torch.save(vae.state_dict(), work_dir() / "slim_vae16.pt")
+    torch.save(vae.state_dict(), work_dir() / slim_file)
     imgs = rv.batch_images(np.random.Generator(np.random.PCG64(args.seed + 7)), 1024)
     mean, std = rv.latent_stats(vae, imgs)
-    scale, shift = rv.scaling_for(comfy.latent_formats.SD3(), mean, std)
-    _save_fp16(vae.export(scale, shift), WEIGHTS_DIR / VAE_FILE,
-               {"comfyui-optim": f"reference taesd3 seed {args.seed}", "latent_mean": mean, "latent_std": std})
-    return {**stats, "latent_mean": mean, "latent_std": std, "wall_s": time.time() - t0}
+    scale, shift = rv.scaling_for(getattr(comfy.latent_formats, latent_format)(), mean, std)
+    _save_fp16(vae.export(scale, shift), WEIGHTS_DIR / file,
+               {"comfyui-optim": f"reference taesd {latent_format} seed {args.seed}", "latent_mean": mean,
+                "latent_std": std})
+    return {**stats, "latent_channels": channels, "steps": steps, "latent_mean": mean, "latent_std": std,
+            "wall_s": time.time() - t0}
 
 
-def stage_vae_decoder(args, log) -> dict:
+def stage_vae_decoder(args, log, channels: int = 16) -> dict:
     """Decoder-only fine-tune of the trained VAE (latents unchanged), re-exported with the same
     scaling."""
     import safetensors
     from bench.reference import vae as rv
+    file, slim_file, _ = vae_layout(channels)
     t0 = time.time()
-    vae = rv.SlimTAESD(16)
-    vae.load_state_dict(torch.load(work_dir() / "slim_vae16.pt"))
-    with safetensors.safe_open(str(WEIGHTS_DIR / VAE_FILE), "pt") as f:
+    vae = rv.SlimTAESD(channels)
+    vae.load_state_dict(torch.load(work_dir() / slim_file))
+    with safetensors.safe_open(str(WEIGHTS_DIR / file), "pt") as f:
         meta = f.metadata()
         scale, shift = float(f.get_tensor("vae_scale")), float(f.get_tensor("vae_shift"))
-    stats = rv.finetune_decoder(vae, steps=args.vae_decoder_steps, batch=args.vae_batch, seed=args.seed + 1,
-                                log=log)
-    torch.save(vae.state_dict(), work_dir() / "slim_vae16.pt")
-    _save_fp16(vae.export(scale, shift), WEIGHTS_DIR / VAE_FILE, {**meta, "decoder_finetune_steps":
-                                                                  args.vae_decoder_steps})
-    return {**stats, "wall_s": time.time() - t0}
+    steps = args.vae_decoder_steps if channels == 16 else args.vae4_decoder_steps
+    stats = rv.finetune_decoder(vae, steps=steps, batch=args.vae_batch, seed=args.seed + 1, log=log)
+    torch.save(vae.state_dict(), work_dir() / slim_file)
+    _save_fp16(vae.export(scale, shift), WEIGHTS_DIR / file, {**meta, "decoder_finetune_steps": steps})
+    return {**stats, "latent_channels": channels, "steps": steps, "wall_s": time.time() - t0}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.reference.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stages", nargs="+", default=["vae", "vae-decoder", "embed", "dit"],
-                        choices=["vae", "vae-decoder", "embed", "dit"])
+    parser.add_argument("--stages", nargs="+", default=["vae", "vae-decoder", "embed", "dit", "vae4", "vae4-decoder", "unet"],
+                        choices=["vae", "vae-decoder", "embed", "dit", "vae4", "vae4-decoder", "unet"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vae-steps", type=int, default=1200)
     parser.add_argument("--vae-batch", type=int, default=16)
     parser.add_argument("--vae-lr", type=float, default=1e-3)
     parser.add_argument("--vae-decoder-steps", type=int, default=1500)
+    parser.add_argument("--vae4-steps", type=int, default=3000)
+    parser.add_argument("--vae4-decoder-steps", type=int, default=600)
     parser.add_argument("--dit-steps", type=int, default=2000)
     parser.add_argument("--dit-batch", type=int, default=32)
     parser.add_argument("--dit-depth", type=int, default=2)
@@ -96,6 +111,16 @@ def main(argv=None) -> int:
     parser.add_argument("--dit-samples", type=int, default=12000)
     parser.add_argument("--dit-resume", action="store_true",
                         help="start from the shipped DiT weights instead of a fresh init")
+    parser.add_argument("--unet-steps", type=int, default=5000)
+    parser.add_argument("--unet-batch", type=int, default=32)
+    parser.add_argument("--unet-lr", type=float, default=1e-3)
+    parser.add_argument("--unet-ema", type=float, default=0.998)
+    parser.add_argument("--unet-samples", type=int, default=12000)
+    parser.add_argument("--unet-max-minutes", type=float, default=0,
+                        help="stop the UNet stage after this many minutes (0: run all steps); the "
+                             "learning-rate schedule still assumes --unet-steps")
+    parser.add_argument("--unet-resume", action="store_true",
+                        help="start from the shipped slim UNet weights instead of a fresh init")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (0: torch's default; 1 is fastest on a shared 2-core CPU, "
                              "where OpenMP threads otherwise wait on each other)")
@@ -111,11 +136,15 @@ def main(argv=None) -> int:
             f.write(msg + "\n")
 
     record_path = WEIGHTS_DIR / "training.json"
-    stages = {"vae": stage_vae, "vae-decoder": stage_vae_decoder}
+    stages = {"vae": stage_vae, "vae-decoder": stage_vae_decoder,
+              "vae4": lambda a, lg: stage_vae(a, lg, 4), "vae4-decoder": lambda a, lg: stage_vae_decoder(a, lg, 4)}
     if "embed" in args.stages or "dit" in args.stages:
         from bench.reference import dit
         stages["embed"] = dit.stage_embed
         stages["dit"] = dit.stage_dit
+    if "unet" in args.stages:
+        from bench.reference import unet
+        stages["unet"] = unet.stage_unet
     for name in args.stages:
         log(f"== stage {name}")
         cpu0 = time.process_time()
