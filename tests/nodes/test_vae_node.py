@@ -119,9 +119,82 @@ def test_validation(node):
         node.execute(vae=None, **{**ok, "overlap": 300})
 
 
-def test_video_vae_spatial_tiles_keep_every_frame(node, comfy_nodes):
-    wan = factory.build_vae("wan21")
+def test_video_vae_spatial_tiles_keep_every_frame(node, wan):
     z = torch.randn(1, 16, 2, 12, 12, generator=torch.Generator().manual_seed(0)) * 0.5
     ref = wan.decode(z)
     out = wrap(node, wan, tile_size=64, overlap=16).decode(z)
     assert out.shape == ref.shape and psnr(ref, out) > 20
+
+
+@pytest.fixture(scope="module")
+def wan(comfy_nodes):
+    return factory.build_vae("wan21")   # Wan 2.1 VAE at its real size, generated weights
+
+
+def video_latent(frames, side=4):
+    return torch.randn(1, 16, frames, side, side, generator=torch.Generator().manual_seed(0)) * 0.5
+
+
+def test_temporal_chunks_carry_the_causal_cache_so_decode_is_unchanged(node, wan):
+    z = video_latent(4)
+    ref = wan.decode(z)
+    for chunk in (1, 3):
+        chunked = wrap(node, wan, tiling="off", temporal_chunk=chunk)
+        out = chunked.decode(z)
+        assert torch.equal(out, ref), f"chunk {chunk}: max diff {float((out - ref).abs().max())}"
+        assert chunked.optim_last["temporal_chunks"] == -(-4 // chunk)
+    # the control: a chunk decoded on its own (the cache not carried) starts a new video: its first
+    # latent frame gives 1 frame, not 4, and the last latent frame's 4 frames differ
+    alone = wan.decode(z[:, :, 2:])
+    assert alone.shape[1] == 5 and float((alone[:, -4:] - ref[:, -4:]).abs().max()) > 1e-3
+
+
+def test_temporal_chunks_with_spatial_tiles_equal_the_unchunked_tiled_decode(node, wan):
+    z = video_latent(2, side=10)
+    tiled = wrap(node, wan, tile_size=64, overlap=16)
+    chunked = wrap(node, wan, tile_size=64, overlap=16, temporal_chunk=1)
+    out = chunked.decode(z)
+    assert chunked.optim_last["tiles"] == 4 and chunked.optim_last["temporal_chunks"] == 2
+    assert torch.equal(out, tiled.decode(z))
+
+
+def test_temporal_chunks_encode_equal_the_whole_video_encode(node, wan):
+    pixels = torch.rand(9, 32, 32, 3, generator=torch.Generator().manual_seed(1))   # 9 frames -> 3 latent
+    ref = wan.encode(pixels)
+    chunked = wrap(node, wan, tiling="off", temporal_chunk=1)
+    out = chunked.encode(pixels)
+    assert out.shape == ref.shape == (1, 16, 3, 4, 4)
+    assert torch.equal(out, ref) and chunked.optim_last["temporal_chunks"] == 3
+
+
+def test_temporal_chunk_validation_and_images_ignore_it(node, vae):
+    ok = dict(tiling="auto", tile_size=512, overlap=64, slice_size=0, vram_budget_gb=0.0)
+    assert node.validate_inputs(**ok, temporal_chunk=4) is True
+    assert "temporal_chunk" in node.validate_inputs(**ok, temporal_chunk=-1)
+    z = vae.encode(smooth_image(64, 64))
+    assert torch.equal(wrap(node, vae, tiling="off", temporal_chunk=2).decode(z), vae.decode(z))
+
+
+def test_run_stats_are_sent_to_the_frontend(node, vae, wan, monkeypatch):
+    import sys
+    import types
+    from comfy_api.latest import io
+    sent = []
+
+    class FakeServer:
+        client_id, last_prompt_id = "tab-1", "p1"
+
+        def send_sync(self, event, data, sid=None):
+            sent.append((event, data))
+    fake = types.ModuleType("server")
+    fake.PromptServer = type("PromptServer", (), {"instance": FakeServer()})
+    monkeypatch.setitem(sys.modules, "server", fake)
+    clone = node.PREPARE_CLASS_CLONE({io.Hidden.unique_id: "5"})
+    args = dict(tiling="always", tile_size=64, overlap=16, slice_size=0, vram_budget_gb=0.0)
+    clone.execute(vae=vae, **args).result[0].decode(vae.encode(smooth_image(128, 128)))
+    clone.execute(vae=wan, **{**args, "tiling": "off", "temporal_chunk": 2}).result[0].decode(video_latent(3))
+    assert [(e, d["node"], d["technique"]) for e, d in sent] == [("comfyui-optim.stats", "5", "vae")] * 2
+    image, video = sent[0][1]["stats"], sent[1][1]["stats"]
+    assert image["tiles"] == 9 and image["passes"] == 1 and image["tile_size"] == 64 and image["temporal_chunks"] == 0
+    assert video["tiles"] == 1 and video["tile_size"] == 0 and video["temporal_chunks"] == 2
+    assert "peak_memory_bytes" not in image   # CPU: no allocator peak to report
