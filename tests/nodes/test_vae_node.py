@@ -198,3 +198,24 @@ def test_run_stats_are_sent_to_the_frontend(node, vae, wan, monkeypatch):
     assert image["tiles"] == 9 and image["passes"] == 1 and image["tile_size"] == 64 and image["temporal_chunks"] == 0
     assert video["tiles"] == 1 and video["tile_size"] == 0 and video["temporal_chunks"] == 2
     assert "peak_memory_bytes" not in image   # CPU: no allocator peak to report
+
+
+def test_wan22_vae_chunks_carry_the_cache_and_first_chunk_flag(comfy_nodes):
+    """Wan 2.2's VAE keeps its cache on the module and flags a call's first frame `first_chunk`;
+    chunked decode and encode still equal one call (a small Wan 2.2 VAE, generated weights)."""
+    from comfy.ldm.wan.vae2_2 import WanVAE
+    from optim import vae_temporal as vt
+    model = factory.fill_module(WanVAE(dim=16, dec_dim=16, z_dim=8, dim_mult=[1, 2, 4, 4], num_res_blocks=1, attn_scales=[],
+                                       temperal_downsample=[False, True, True]), 0).eval()
+    assert vt.supports(model)
+    z = torch.randn(1, 8, 3, 2, 2, generator=torch.Generator().manual_seed(0))
+    ref = model.decode(z)
+    out = vt.run_chunked(z, vt.chunk_bounds(3, 2), vt.CarriedCache(model.decoder),
+                         lambda piece, call: call(piece, model.decode), "cpu", out_frames=lambda n: 4 * n - 3)
+    # float noise only (its 1x1x1 conv2 runs on 2 frames instead of 3: ~1e-7); a cut cache is ~1e-2
+    assert float((out - ref).abs().max()) < 1e-5
+    pixels = torch.rand(1, 3, 9, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    out = vt.run_chunked(pixels, vt.chunk_bounds(9, 1, step=4), vt.CarriedCache(model.encoder),
+                         lambda piece, call: call(piece, model.encode), "cpu", out_frames=lambda n: (n + 3) // 4,
+                         dummy_after_first=True)
+    assert float((out - model.encode(pixels)).abs().max()) < 1e-5
