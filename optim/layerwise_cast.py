@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -210,6 +211,8 @@ class LayerwiseCast:
     names: list[str]
     storage_dtype: torch.dtype
     scaled: bool = True
+    kept: int = 0                          # castable layers the skip rules keep in high precision
+    on_stats: Callable[[dict], None] | None = None
     last_stats: dict | None = None
     _freed: int = 0
 
@@ -217,9 +220,11 @@ class LayerwiseCast:
         return getattr(patcher.model, self.root_attr) if self.root_attr else patcher.model
 
     def inject(self, patcher) -> None:
-        modules = dict(self.root(patcher).named_modules())
+        root = self.root(patcher)
+        modules = dict(root.named_modules())
         offload = patcher.offload_device
-        freed, cast = 0, 0
+        freed, cast, saved = 0, 0, 0
+        before = sum(p.numel() * p.element_size() for p in root.parameters())
         with torch.no_grad():
             for name in self.names:
                 m = modules.get(name)
@@ -239,12 +244,17 @@ class LayerwiseCast:
                                  weight_function=[Rescale(scale)] if scale is not None else [],
                                  comfy_cast_weights=True)
                 cast += 1
+                saved += w.numel() * w.element_size() - fp8.numel() * fp8.element_size() \
+                    - (scale.numel() * scale.element_size() if scale is not None else 0)
                 if on_accelerator:
                     freed += w.numel() * w.element_size() - fp8.numel() * fp8.element_size()
         self._freed = freed
         if freed and hasattr(patcher.model, "model_loaded_weight_memory"):
             patcher.model.model_loaded_weight_memory -= freed
-        self.last_stats = {"cast_layers": cast}
+        self.last_stats = {"layers_cast": cast, "layers_kept": self.kept + len(self.names) - cast,
+                           "weight_bytes_before": before, "weight_bytes_after": before - saved}
+        if self.on_stats is not None:
+            self.on_stats(dict(self.last_stats))
 
     def eject(self, patcher) -> None:
         weight_swap.restore_all(patcher.model)
@@ -254,14 +264,18 @@ class LayerwiseCast:
 
 
 def attach(patcher, rules: SkipRules, storage_dtype: torch.dtype, compute_dtype: torch.dtype | None,
-           root_attr: str | None = "diffusion_model", scaled: bool = True) -> CastPlan:
-    """Install layerwise casting on `patcher` (a clone the caller owns); returns the plan."""
+           root_attr: str | None = "diffusion_model", scaled: bool = True,
+           on_stats: Callable[[dict], None] | None = None) -> CastPlan:
+    """Install layerwise casting on `patcher` (a clone the caller owns); returns the plan.
+    `on_stats(stats)` is called each time the cast is applied (at model load) with the layers cast
+    and kept and the weight bytes of the model before and after."""
     from comfy.patcher_extension import PatcherInjection
     if patcher.get_injections(INJECTION_KEY):
         raise ValueError("layerwise casting is already applied to this model")
     root = getattr(patcher.model, root_attr) if root_attr else patcher.model
     the_plan = plan(root, rules, storage_dtype, scaled)
-    state = LayerwiseCast(root_attr, the_plan.names, storage_dtype, scaled)
+    state = LayerwiseCast(root_attr, the_plan.names, storage_dtype, scaled, kept=len(the_plan.skipped),
+                          on_stats=on_stats)
     patcher.set_injections(INJECTION_KEY, [PatcherInjection(inject=state.inject, eject=state.eject)])
     if compute_dtype is not None:
         patcher.set_model_compute_dtype(compute_dtype)  # ComfyUI's own: manual_cast_dtype + cast ops
