@@ -58,7 +58,7 @@ def _move(cache: list | None, device) -> None:
         return
     for i, entry in enumerate(cache):
         if isinstance(entry, torch.Tensor) and entry.device != torch.device(device):
-            cache[i] = entry.to(device, non_blocking=True)
+            cache[i] = entry.to(device)
 
 
 class CarriedCache:

@@ -143,6 +143,8 @@ def test_temporal_chunks_carry_the_causal_cache_so_decode_is_unchanged(node, wan
         out = chunked.decode(z)
         assert torch.equal(out, ref), f"chunk {chunk}: max diff {float((out - ref).abs().max())}"
         assert chunked.optim_last["temporal_chunks"] == -(-4 // chunk)
+    decoder = wan.first_stage_model.decoder
+    assert not decoder._forward_pre_hooks and not decoder._forward_hooks   # hooks only during a call
     # the control: a chunk decoded on its own (the cache not carried) starts a new video: its first
     # latent frame gives 1 frame, not 4, and the last latent frame's 4 frames differ
     alone = wan.decode(z[:, :, 2:])
