@@ -148,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                                     width=args.width, height=args.height, all_arms=args.all_arms))
         print(lf.summary(result))
         print(f"saved {lf.save(result, args.out)}")
+        return 0
     if args.command == "reference":
         from bench.reference import bench as ref_bench
         names = args.techniques or ref_bench.DEFAULT_TECHNIQUES

@@ -17,16 +17,16 @@ front (WanVAE.encode treats a call's first frame alone); the pre-hook shrinks th
 runs it on a scratch cache, and a forward hook replaces its output by an empty tensor, so the 4-frame
 groups behind it line up as in the whole-video encode.
 
-With spatial tiles each tile has its own cache (tiles are visited in the same order in every chunk),
-kept on the offload device between its chunks so an accelerator holds one tile's cache at a time.
-What this saves: the whole video's output (and WanVAE's growing `torch.cat` of it, O(frames^2)
-copying) never sits on the VAE's device; only one chunk's output does, and with tiles only one
-tile's activations and cache.
+With spatial tiles, each tile is decoded as its own video, chunk by chunk (tiles outside, chunks
+inside): one tile's cache exists at a time and nothing needs moving between devices. What this
+saves: WanVAE already decodes one latent frame at a time, so its activations are one frame's; but
+it keeps the whole video's output on the VAE's device and copies it once per frame (`torch.cat`).
+Chunked, only one chunk's output (of one tile) is on the device before it goes to the output
+device (the CPU in ComfyUI).
 """
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
 from typing import Callable
 
 import torch
@@ -53,23 +53,13 @@ def supports(first_stage_model) -> bool:
         and hasattr(first_stage_model, "decoder") and hasattr(first_stage_model, "encoder")
 
 
-def _move(cache: list | None, device) -> None:
-    if cache is None or device is None:
-        return
-    for i, entry in enumerate(cache):
-        if isinstance(entry, torch.Tensor) and entry.device != torch.device(device):
-            cache[i] = entry.to(device)
-
-
 class CarriedCache:
-    """Hooks on a WanVAE's `decoder` or `encoder` that give all its calls one cache list per key
-    (per spatial tile), across any number of `WanVAE.decode`/`encode` calls."""
+    """Hooks on a WanVAE's `decoder` or `encoder` that give all its calls one cache list, across any
+    number of `WanVAE.decode` / `encode` calls (registered while used as a context manager)."""
 
-    def __init__(self, part: torch.nn.Module, compute_device=None, offload_device=None):
+    def __init__(self, part: torch.nn.Module):
         self.part = part
-        self.compute_device, self.offload_device = compute_device, offload_device
-        self.caches: dict[int, list] = {}
-        self.key = 0
+        self.cache: list | None = None
         self.dummy_pending = False     # the next call is the throwaway first frame of an encode chunk
         self._dummy: tuple | None = None
         self._handles: list = []
@@ -83,20 +73,8 @@ class CarriedCache:
         for h in self._handles:
             h.remove()
         self._handles = []
+        self.dummy_pending, self._dummy = False, None
         return False
-
-    @contextmanager
-    def tile(self, key: int, dummy_first: bool = False):
-        """Run one WanVAE call for tile `key`: its cache comes onto the compute device for the call
-        and goes back to the offload device after it."""
-        self.key = key
-        self.dummy_pending = dummy_first
-        _move(self.caches.get(key), self.compute_device)
-        try:
-            yield
-        finally:
-            self.dummy_pending = False
-            _move(self.caches.get(key), self.offload_device)
 
     def _pre(self, module, args, kwargs):
         cache = kwargs.get("feat_cache")
@@ -108,11 +86,10 @@ class CarriedCache:
             self._dummy = (tuple(x.shape[-2:]), tuple(small.shape[-2:]))
             return (small, *args[1:]), {**kwargs, "feat_cache": [None] * len(cache)}
         self._dummy = None
-        own = self.caches.get(self.key)
-        if own is None:
-            self.caches[self.key] = cache          # the first call's own list becomes the carried one
+        if self.cache is None:
+            self.cache = cache                     # the first call's own list becomes the carried one
             return None
-        kwargs = {**kwargs, "feat_cache": own}
+        kwargs = {**kwargs, "feat_cache": self.cache}
         if kwargs.get("first_chunk"):
             kwargs["first_chunk"] = False          # Wan 2.2: only the video's first frame is first
         return args, kwargs
@@ -144,25 +121,20 @@ def chunk_bounds(frames: int, chunk: int, first: int = 1, step: int = 1) -> list
 
 
 def run_chunked(x: torch.Tensor, spans: list[tuple[int, int]], carried: CarriedCache,
-                run: Callable[[torch.Tensor, Callable], torch.Tensor], output_device,
+                fn: Callable[[torch.Tensor], torch.Tensor], output_device,
                 out_frames: Callable[[int], int] | None = None, dummy_after_first: bool = False) -> torch.Tensor:
-    """Call `run(x_chunk, call)` for each span of `x` ([B, C, T, H, W]) and join the outputs along
-    time on `output_device`. `run` applies `call(x_tile, model_fn)` to every spatial tile (or once to
-    the whole chunk), in the same order each chunk: `call` runs `model_fn` with that tile's cache."""
-    out = None
-    parts, written = [], 0
+    """`fn(x_chunk)` (one WanVAE decode/encode call) for each span of `x` ([B, C, T, H, W]), the
+    cache carried from call to call; the outputs joined along time on `output_device`, each chunk's
+    moved there as soon as it is made. `out_frames(T)`: output frames, to fill one preallocated
+    tensor (else the chunks are concatenated)."""
+    out, parts, written = None, [], 0
     with carried:
         for n, (t0, t1) in enumerate(spans):
             piece = x[:, :, t0:t1]
-            dummy = dummy_after_first and n > 0
-            if dummy:
+            if dummy_after_first and n > 0:
                 piece = torch.cat([piece[:, :, :1], piece], dim=2)
-            counter = iter(range(1 << 30))
-
-            def call(tile, model_fn, dummy=dummy, counter=counter):
-                with carried.tile(next(counter), dummy_first=dummy):
-                    return model_fn(tile)
-            part = run(piece, call).to(output_device)
+                carried.dummy_pending = True
+            part = fn(piece).to(output_device)
             if out_frames is not None:
                 if out is None:
                     out = torch.empty((*part.shape[:2], out_frames(x.shape[2]), *part.shape[3:]),

@@ -303,22 +303,19 @@ def _decode(self, samples_in, vae_options={}):
     def decode_fn(z):
         return self.first_stage_model.decode(z.to(self.vae_dtype).to(self.device), **vae_options)
 
-    def whole(z, p: Plan, fn=decode_fn):
-        if p.tile is None:
-            return fn(z).to(self.output_device).float()
-        return tiled(z, fn, grid, 1, ratio, p.tile, p.overlap, self.output_device)
+    def chunked(z):   # one tile (or the whole frame) as a video, `chunk` latent frames a call
+        spans = vae_temporal.chunk_bounds(z.shape[2], chunk)
+        run_stats.chunks = len(spans)
+        return vae_temporal.run_chunked(z, spans, vae_temporal.CarriedCache(self.first_stage_model.decoder),
+                                        decode_fn, self.output_device,
+                                        out_frames=lambda n: _frames(self.upscale_ratio[0], n))
 
     def call(batch, p: Plan):
-        if not chunk or batch.shape[2] <= chunk:
-            run_stats.chunks = 1 if batch.ndim == 5 else 0
-            return whole(batch, p)
-        spans = vae_temporal.chunk_bounds(batch.shape[2], chunk)
-        run_stats.chunks = len(spans)
-        carried = vae_temporal.CarriedCache(self.first_stage_model.decoder, self.device,
-                                            self.output_device if p.tile is not None else None)
-        return vae_temporal.run_chunked(
-            batch, spans, carried, lambda piece, call_tile: whole(piece, p, lambda t: call_tile(t, decode_fn)),
-            self.output_device, out_frames=lambda n: _frames(self.upscale_ratio[0], n))
+        run_stats.chunks = 1 if batch.ndim == 5 else 0
+        fn = chunked if chunk and batch.shape[2] > chunk else decode_fn
+        if p.tile is None:
+            return fn(batch).to(self.output_device).float()
+        return tiled(batch, fn, grid, 1, ratio, p.tile, p.overlap, self.output_device)
 
     out = with_oom_retry(samples_in, the_plan, call, grid, params.floor_cells(ratio), "VAE decode",
                          record=run_stats.record)
@@ -352,24 +349,21 @@ def _encode(self, pixel_samples):
     def encode_fn(px):
         return self.first_stage_model.encode(self.process_input(px).to(self.vae_dtype).to(self.device))
 
-    def whole(px, p: Plan, fn=encode_fn):
-        if p.tile is None:
-            return fn(px).to(self.output_device).float()
-        return tiled(px, fn, grid, ratio, 1, p.tile, p.overlap, self.output_device)
+    def chunked(px):   # WanVAE groups pixel frames 1, 4, 4, ...: `chunk` latent frames a call
+        spans = vae_temporal.chunk_bounds(px.shape[2], chunk, step=self.downscale_index_formula[0])
+        run_stats.chunks = len(spans)
+        return vae_temporal.run_chunked(px, spans, vae_temporal.CarriedCache(self.first_stage_model.encoder),
+                                        encode_fn, self.output_device,
+                                        out_frames=lambda n: _frames(self.downscale_ratio[0], n),
+                                        dummy_after_first=True)
 
     def call(batch, p: Plan):
-        # WanVAE groups pixel frames 1, 4, 4, ...: a chunk of `chunk` latent frames
-        step = self.downscale_index_formula[0] if self.latent_dim == 3 else 1
-        spans = vae_temporal.chunk_bounds(batch.shape[2], chunk, step=step) if chunk and batch.ndim == 5 else []
-        if len(spans) <= 1:
-            run_stats.chunks = 1 if batch.ndim == 5 else 0
-            return whole(batch, p)
-        run_stats.chunks = len(spans)
-        carried = vae_temporal.CarriedCache(self.first_stage_model.encoder, self.device,
-                                            self.output_device if p.tile is not None else None)
-        return vae_temporal.run_chunked(
-            batch, spans, carried, lambda piece, call_tile: whole(piece, p, lambda t: call_tile(t, encode_fn)),
-            self.output_device, out_frames=lambda n: _frames(self.downscale_ratio[0], n), dummy_after_first=True)
+        run_stats.chunks = 1 if batch.ndim == 5 else 0
+        first_span = 1 + self.downscale_index_formula[0] * (chunk - 1) if chunk else 0
+        fn = chunked if chunk and batch.ndim == 5 and batch.shape[2] > first_span else encode_fn
+        if p.tile is None:
+            return fn(batch).to(self.output_device).float()
+        return tiled(batch, fn, grid, ratio, 1, p.tile, p.overlap, self.output_device)
 
     out = with_oom_retry(pixels, the_plan, call, grid, params.floor_cells(ratio), "VAE encode",
                          record=run_stats.record)

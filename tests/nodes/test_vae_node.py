@@ -167,6 +167,11 @@ def test_temporal_chunks_encode_equal_the_whole_video_encode(node, wan):
     out = chunked.encode(pixels)
     assert out.shape == ref.shape == (1, 16, 3, 4, 4)
     assert torch.equal(out, ref) and chunked.optim_last["temporal_chunks"] == 3
+    # with spatial tiles: each tile is encoded as its own chunked video
+    pixels = torch.rand(5, 80, 80, 3, generator=torch.Generator().manual_seed(2))
+    tiled = wrap(node, wan, tile_size=64, overlap=16).encode(pixels)
+    chunked = wrap(node, wan, tile_size=64, overlap=16, temporal_chunk=1)
+    assert torch.equal(chunked.encode(pixels), tiled) and chunked.optim_last["tiles"] == 4
 
 
 def test_temporal_chunk_validation_and_images_ignore_it(node, vae):
@@ -213,11 +218,11 @@ def test_wan22_vae_chunks_carry_the_cache_and_first_chunk_flag(comfy_nodes):
     z = torch.randn(1, 8, 3, 2, 2, generator=torch.Generator().manual_seed(0))
     ref = model.decode(z)
     out = vt.run_chunked(z, vt.chunk_bounds(3, 2), vt.CarriedCache(model.decoder),
-                         lambda piece, call: call(piece, model.decode), "cpu", out_frames=lambda n: 4 * n - 3)
+                         model.decode, "cpu", out_frames=lambda n: 4 * n - 3)
     # float noise only (its 1x1x1 conv2 runs on 2 frames instead of 3: ~1e-7); a cut cache is ~1e-2
     assert float((out - ref).abs().max()) < 1e-5
     pixels = torch.rand(1, 3, 9, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
     out = vt.run_chunked(pixels, vt.chunk_bounds(9, 1, step=4), vt.CarriedCache(model.encoder),
-                         lambda piece, call: call(piece, model.encode), "cpu", out_frames=lambda n: (n + 3) // 4,
+                         model.encode, "cpu", out_frames=lambda n: (n + 3) // 4,
                          dummy_after_first=True)
     assert float((out - model.encode(pixels)).abs().max()) < 1e-5
