@@ -105,8 +105,10 @@ def test_out_of_memory_retries_then_fails_clearly(node, comfy_nodes):
             return original(self, x, **kw)
     model.__class__ = OOMAboveEightCells
     z = flaky.encode(smooth_image(128, 128))
-    out = wrap(node, flaky, tiling="auto", tile_size=128, overlap=16, min_tile_size=32).decode(z)
+    retried = wrap(node, flaky, tiling="auto", tile_size=128, overlap=16, min_tile_size=32)
+    out = retried.decode(z)
     assert tiles[0] == (16, 16) and max(tiles[-1]) <= 8 and torch.isfinite(out).all()
+    assert retried.optim_last["passes"] == 2 and retried.optim_last["tile_size"] == 64   # the badge's figures
     with pytest.raises(RuntimeError, match="floor"):   # TilingOutOfMemory, as loaded by ComfyUI
         wrap(node, flaky, tiling="auto", tile_size=128, overlap=16, min_tile_size=128).decode(z)
 
