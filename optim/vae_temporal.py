@@ -26,12 +26,11 @@ device (the CPU in ComfyUI).
 """
 from __future__ import annotations
 
-import logging
+import importlib
 from typing import Callable
 
 import torch
 
-log = logging.getLogger("comfyui-optim")
 DUMMY_SIDE = 32   # pixels (or patchified cells) of the throwaway encode frame
 
 
@@ -39,8 +38,7 @@ def wan_classes() -> tuple[type, ...]:
     out = []
     for name in ("comfy.ldm.wan.vae", "comfy.ldm.wan.vae2_2"):
         try:
-            module = __import__(name, fromlist=["WanVAE"])
-            out.append(module.WanVAE)
+            out.append(importlib.import_module(name).WanVAE)
         except Exception:  # noqa: BLE001  an older ComfyUI without one of them
             pass
     return tuple(out)
