@@ -99,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     vae.add_argument("--repeats", type=_positive, default=2)
     vae.add_argument("--memory-size", type=int, default=1024, help="image side of the peak-memory run; 0: skip")
     vae.add_argument("--no-video", action="store_true")
+    vae.add_argument("--no-speed", action="store_true", help="only the peak-memory runs (saved as vae_memory-<device>.json)")
+    vae.add_argument("--video-frames", type=_positive, default=13, help="latent frames of the Wan video run")
+    vae.add_argument("--video-side", type=_positive, default=24, help="latent cells per side of the Wan video run")
+    vae.add_argument("--video-chunk", type=_positive, default=1, help="OptimVAE temporal_chunk in the video run")
     vae.add_argument("--out", type=Path, default=None)
     ref = sub.add_parser("reference", help="caching techniques on the trained reference DiT or UNet: "
                          "speedup, prompt adherence, PSNR, SSIM (bench/reference/bench.py)")
@@ -142,7 +146,9 @@ def main(argv: list[str] | None = None) -> int:
         from bench import vae_bench
         result = vae_bench.run(vae_bench.Settings(size=args.size, tile=args.tile, overlap=args.overlap,
                                                   repeats=args.repeats, memory_size=args.memory_size,
-                                                  video=not args.no_video))
+                                                  video=not args.no_video, speed=not args.no_speed,
+                                                  video_frames=args.video_frames, video_side=args.video_side,
+                                                  video_chunk=args.video_chunk))
         print(vae_bench.summary(result))
         print(f"saved {vae_bench.save(result, args.out)}")
         return 0
@@ -152,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                                     width=args.width, height=args.height, all_arms=args.all_arms))
         print(lf.summary(result))
         print(f"saved {lf.save(result, args.out)}")
+        return 0
     if args.command == "reference":
         from bench.reference import bench as ref_bench
         names = args.techniques or ref_bench.default_techniques(args.model)

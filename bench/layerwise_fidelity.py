@@ -24,6 +24,7 @@ from bench.runner import RESULTS_DIR, _versions
 ALL_ARMS = (
     ("cast everything", "float8_e4m3fn", ()),
     ("cast everything, unscaled", "float8_e4m3fn", ()),
+    ("cast everything, searched scales", "float8_e4m3fn", ()),
     ("default, unscaled", "float8_e4m3fn", ("norms", "embedders", "modulation", "final")),
     ("norms", "float8_e4m3fn", ("norms",)),
     ("norms+embedders", "float8_e4m3fn", ("norms", "embedders")),
@@ -35,8 +36,8 @@ ALL_ARMS = (
     ("default e5m2", "float8_e5m2", ("norms", "embedders", "modulation", "final")),
 )
 # what a full-size run on a 2-core CPU can afford (each arm is a whole sampling run)
-QUICK_ARMS = ("cast everything", "cast everything, unscaled", "norms+embedders+final", "default",
-              "default e5m2")
+QUICK_ARMS = ("cast everything", "cast everything, unscaled", "cast everything, searched scales",
+              "norms+embedders+final", "default", "default e5m2")
 
 
 @dataclass
@@ -110,10 +111,12 @@ def run(s: Settings, log=print) -> dict:
             continue
         patched = base.clone()
         scaled = "unscaled" not in label
+        search = 20 if "searched" in label else 0   # per-channel MSE-optimal scale multipliers
         plan = lc.attach(patched, lc.SkipRules(family=family, groups=groups), lc.STORAGE_DTYPES[storage], None,
-                         scaled=scaled)
+                         scaled=scaled, scale_search=search)
         record(label, "ours", patched, patched.model_size(),
                {"storage_dtype": storage, "skip_groups": list(groups), "per_channel_scale": scaled,
+                "scale_search": search,
                 **plan.summary()})
         del patched
     sample(base)  # leave the base model loaded plainly

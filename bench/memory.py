@@ -5,6 +5,18 @@ import threading
 import time
 
 
+def _release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc's malloc_trim), so the RSS at entry does not
+    include memory earlier work freed but the allocator kept (that would hide the next peak)."""
+    import ctypes
+    import gc
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):   # not glibc: RSS peaks may be understated
+        pass
+
+
 class PeakMemory:
     """Context manager; `peak_mb` is the peak above the level at entry (CUDA: allocated bytes)."""
 
@@ -20,6 +32,7 @@ class PeakMemory:
             self._start = torch.cuda.memory_allocated()
             return self
         import psutil
+        _release_freed_memory()   # so memory freed by earlier work is not reused unseen
         self._proc = psutil.Process()
         self._start = self._peak = self._proc.memory_info().rss
         self._stop = threading.Event()

@@ -34,6 +34,11 @@ class Settings:
     memory_size: int = 1024     # image side for the peak-memory comparison (0: skip)
     video: bool = True
     device: str = "cpu"
+    speed: bool = True          # the speed / fidelity comparison at `size`
+    video_frames: int = 13      # latent frames of the video run (13 -> 49 frames)
+    video_side: int = 24        # latent cells per side of the video run (24 -> 192x192 pixels)
+    video_tile: int = 128       # OptimVAE tile size (pixels) in the video run
+    video_chunk: int = 1        # OptimVAE temporal_chunk (latent frames) in the video run
 
 
 def build_sd_vae(seed: int = 0):
@@ -74,17 +79,12 @@ def _run(s: Settings, log) -> dict:
     from optim.metrics import psnr, ssim
 
     optim_node = nodes.NODE_CLASS_MAPPINGS["OptimVAE"]
-    decode_tiled_node = nodes.NODE_CLASS_MAPPINGS["VAEDecodeTiled"]()
-    encode_tiled_node = nodes.NODE_CLASS_MAPPINGS["VAEEncodeTiled"]()
     decode_node = nodes.NODE_CLASS_MAPPINGS["VAEDecode"]()
-    encode_node = nodes.NODE_CLASS_MAPPINGS["VAEEncode"]()
 
     log("building the SD VAE (real size, generated weights) ...")
     vae = build_sd_vae()
     ours = optim_node.execute(vae=vae, tiling="always", tile_size=s.tile, overlap=s.overlap, slice_size=0,
                               vram_budget_gb=0.0).result[0]
-    img = smooth_image(s.size, s.size)
-    latent = {"samples": vae.encode(img)}
 
     def timed(fn):
         with PeakMemory(s.device) as mem:
@@ -115,6 +115,29 @@ def _run(s: Settings, log) -> dict:
             rows[name] = row
         return rows
 
+    result = {
+        "technique": "vae_tiling", "model": "SD VAE (AutoencoderKL, real size)", "device": s.device,
+        "resolution": [s.size, s.size], "tile_size": s.tile, "overlap": s.overlap, "repeats": s.repeats,
+        "weights": "generated", "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"), "versions": _versions(),
+        "threads": torch.get_num_threads(),
+    }
+    if s.speed:
+        result.update(_speed(s, log, vae, ours, compare))
+    if s.memory_size:
+        result["memory"] = _memory(s, log, vae, ours, timed, decode_node)
+    if s.video:
+        result["video"] = _video(s, log, optim_node, timed, decode_node)
+    return result
+
+
+def _speed(s: Settings, log, vae, ours, compare) -> dict:
+    import nodes
+    decode_tiled_node = nodes.NODE_CLASS_MAPPINGS["VAEDecodeTiled"]()
+    encode_tiled_node = nodes.NODE_CLASS_MAPPINGS["VAEEncodeTiled"]()
+    decode_node = nodes.NODE_CLASS_MAPPINGS["VAEDecode"]()
+    encode_node = nodes.NODE_CLASS_MAPPINGS["VAEEncode"]()
+    img = smooth_image(s.size, s.size)
+    latent = {"samples": vae.encode(img)}
     tiled_kw = dict(tile_size=s.tile, overlap=s.overlap, temporal_size=64, temporal_overlap=8)
     log(f"decode {s.size}x{s.size}, tile {s.tile} / overlap {s.overlap} ...")
     decode = compare({
@@ -128,72 +151,104 @@ def _run(s: Settings, log) -> dict:
         "ComfyUI VAEEncodeTiled": lambda: encode_tiled_node.encode(vae, img, **tiled_kw)[0]["samples"],
         "OptimVAE": lambda: encode_node.encode(ours, img)[0]["samples"],
     }, "encode", "untiled (VAEEncode)", image=False)
-    result = {
-        "technique": "vae_tiling", "model": "SD VAE (AutoencoderKL, real size)", "device": s.device,
-        "resolution": [s.size, s.size], "tile_size": s.tile, "overlap": s.overlap, "repeats": s.repeats,
-        "weights": "generated", "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"), "versions": _versions(),
+    return {
         "decode": decode, "encode": encode,
         "decode_speedup_vs_builtin_tiled": decode["ComfyUI VAEDecodeTiled"]["median_s"] / decode["OptimVAE"]["median_s"],
         "encode_speedup_vs_builtin_tiled": encode["ComfyUI VAEEncodeTiled"]["median_s"] / encode["OptimVAE"]["median_s"],
     }
-    if s.memory_size:
-        log(f"peak memory, decode {s.memory_size}x{s.memory_size} ...")
-        big = {"samples": torch.randn(1, 4, s.memory_size // 8, s.memory_size // 8,
-                                      generator=torch.Generator().manual_seed(0))}
-        mem = {}
-        for name, fn in (("untiled (VAEDecode)", lambda: decode_node.decode(vae, big)[0]),
-                         ("OptimVAE", lambda: decode_node.decode(ours, big)[0])):
-            _, secs, peak = timed(fn)
-            mem[name] = {"seconds": secs, "peak_mem_mb": peak}
-            log(f"  {name:28s} {secs:7.2f} s, peak +{peak:.0f} MiB")
-        result["memory"] = {"resolution": [s.memory_size, s.memory_size], **mem,
-                            "peak_ratio": mem["OptimVAE"]["peak_mem_mb"] / max(mem["untiled (VAEDecode)"]["peak_mem_mb"], 1e-9)}
-    if s.video:
-        from bench import factory
-        log("peak memory, video latent (Wan 2.1 VAE, 1x16x3x40x40 -> 9 frames of 320x320) ...")
-        wan = factory.build_vae("wan21")
-        wan_ours = optim_node.execute(vae=wan, tiling="always", tile_size=160, overlap=32, slice_size=0,
-                                      vram_budget_gb=0.0).result[0]
-        z = {"samples": torch.randn(1, 16, 3, 40, 40, generator=torch.Generator().manual_seed(0)) * 0.5}
-        vid = {}
-        outs = {}
-        for name, v in (("untiled (VAEDecode)", wan), ("OptimVAE tile 160", wan_ours)):
-            outs[name], secs, peak = timed(lambda v=v: decode_node.decode(v, z)[0])
-            vid[name] = {"seconds": secs, "peak_mem_mb": peak}
-            log(f"  {name:28s} {secs:7.2f} s, peak +{peak:.0f} MiB")
-        vid["OptimVAE tile 160"]["psnr_db"] = psnr(outs["untiled (VAEDecode)"], outs["OptimVAE tile 160"], data_range=1.0)
-        vid["frames"] = int(outs["untiled (VAEDecode)"].shape[0])
-        result["video"] = vid
-    return result
+
+
+def _memory(s: Settings, log, vae, ours, timed, decode_node) -> dict:
+    import torch
+    log(f"peak memory, decode {s.memory_size}x{s.memory_size} (tile {s.tile} / overlap {s.overlap}) ...")
+    big = {"samples": torch.randn(1, 4, s.memory_size // 8, s.memory_size // 8,
+                                  generator=torch.Generator().manual_seed(0))}
+    decode_node.decode(vae, {"samples": big["samples"][..., :8, :8]})   # warm-up: load, lazy inits
+    mem, outs = {}, {}
+    for name, fn in (("untiled (VAEDecode)", lambda: decode_node.decode(vae, big)[0]),
+                     ("OptimVAE", lambda: decode_node.decode(ours, big)[0])):
+        outs[name], secs, peak = timed(fn)
+        mem[name] = {"seconds": secs, "peak_mem_mb": peak}
+        log(f"  {name:28s} {secs:7.2f} s, peak +{peak:.0f} MiB")
+    output_mb = outs["untiled (VAEDecode)"].numel() * 4 / 2**20
+    return {"resolution": [s.memory_size, s.memory_size], "tile_size": s.tile, "overlap": s.overlap,
+            "output_mb": output_mb, **mem,
+            "peak_ratio": mem["OptimVAE"]["peak_mem_mb"] / max(mem["untiled (VAEDecode)"]["peak_mem_mb"], 1e-9)}
+
+
+def _video(s: Settings, log, optim_node, timed, decode_node) -> dict:
+    """Wan 2.1 VAE (real size): ComfyUI's VAE Decode against OptimVAE with temporal chunks (no spatial
+    tiles), spatial tiles (all frames per tile) and both."""
+    import torch
+    from bench import factory
+    from optim.metrics import psnr
+    frames_out = 4 * s.video_frames - 3
+    px = s.video_side * 8
+    log(f"peak memory, video latent (Wan 2.1 VAE, 1x16x{s.video_frames}x{s.video_side}x{s.video_side} -> "
+        f"{frames_out} frames of {px}x{px}) ...")
+    wan = factory.build_vae("wan21")
+
+    def ours(**kw):
+        args = dict(tiling="always", tile_size=s.video_tile, overlap=s.video_tile // 4, slice_size=0,
+                    vram_budget_gb=0.0)
+        args.update(kw)
+        return optim_node.execute(vae=wan, **args).result[0]
+    z = {"samples": torch.randn(1, 16, s.video_frames, s.video_side, s.video_side,
+                                generator=torch.Generator().manual_seed(0)) * 0.5}
+    arms = {
+        "untiled (VAEDecode)": wan,
+        f"OptimVAE temporal_chunk {s.video_chunk}": ours(tiling="off", temporal_chunk=s.video_chunk),
+        f"OptimVAE tile {s.video_tile}": ours(),
+        f"OptimVAE tile {s.video_tile} + temporal_chunk {s.video_chunk}": ours(temporal_chunk=s.video_chunk),
+    }
+    decode_node.decode(wan, {"samples": z["samples"][:, :, :2, :4, :4]})   # warm-up: load, lazy inits
+    vid, outs = {}, {}
+    for name, v in arms.items():
+        outs[name], secs, peak = timed(lambda v=v: decode_node.decode(v, z)[0])
+        vid[name] = {"seconds": secs, "peak_mem_mb": peak}
+        log(f"  {name:46s} {secs:7.2f} s, peak +{peak:.0f} MiB")
+    ref = outs["untiled (VAEDecode)"]
+    for name in list(arms)[1:]:
+        vid[name]["psnr_db"] = psnr(ref, outs[name], data_range=1.0)
+        vid[name]["max_abs_diff"] = float((outs[name] - ref).abs().max())
+    tiled_names = list(arms)[2:]
+    return {"chunked_tiles_equal_unchunked_tiles": bool(torch.equal(outs[tiled_names[0]], outs[tiled_names[1]])),"latent": list(z["samples"].shape), "frames": int(ref.shape[0]), "resolution": [px, px],
+            "tile_size": s.video_tile, "temporal_chunk": s.video_chunk, "output_mb": ref.numel() * 4 / 2**20,
+            "arms": vid}
 
 
 def summary(r: dict) -> str:
-    lines = [f"OptimVAE vs ComfyUI on the SD VAE ({r['resolution'][0]}x{r['resolution'][1]}, tile "
-             f"{r['tile_size']} / overlap {r['overlap']}, {r['device']})"]
-    for kind in ("decode", "encode"):
-        for name, row in r[kind].items():
-            extra = ""
-            if "psnr_db" in row:
-                extra = f", PSNR {row['psnr_db']:.2f} dB" + (f", SSIM {row['ssim']:.4f}, worst jump "
-                                                            f"{row['worst_error_jump']:.4f}" if "ssim" in row else "")
-            lines.append(f"  {kind} {name:26s} {row['median_s']:7.2f} s, peak +{row['peak_mem_mb']:.0f} MiB{extra}")
-    lines.append(f"  decode speedup vs VAEDecodeTiled: {r['decode_speedup_vs_builtin_tiled']:.2f}x; "
-                 f"encode vs VAEEncodeTiled: {r['encode_speedup_vs_builtin_tiled']:.2f}x")
+    lines = [f"OptimVAE vs ComfyUI on the SD VAE ({r['device']}, {r.get('threads', '?')} threads)"]
+    if "decode" in r:
+        lines.append(f"  {r['resolution'][0]}x{r['resolution'][1]}, tile {r['tile_size']} / overlap {r['overlap']}:")
+        for kind in ("decode", "encode"):
+            for name, row in r[kind].items():
+                extra = ""
+                if "psnr_db" in row:
+                    extra = f", PSNR {row['psnr_db']:.2f} dB" + (f", SSIM {row['ssim']:.4f}, worst jump "
+                                                                f"{row['worst_error_jump']:.4f}" if "ssim" in row else "")
+                lines.append(f"  {kind} {name:26s} {row['median_s']:7.2f} s, peak +{row['peak_mem_mb']:.0f} MiB{extra}")
+        lines.append(f"  decode speedup vs VAEDecodeTiled: {r['decode_speedup_vs_builtin_tiled']:.2f}x; "
+                     f"encode vs VAEEncodeTiled: {r['encode_speedup_vs_builtin_tiled']:.2f}x")
     if "memory" in r:
         m = r["memory"]
-        lines.append(f"  peak memory at {m['resolution'][0]}x{m['resolution'][1]}: untiled "
+        lines.append(f"  peak memory at {m['resolution'][0]}x{m['resolution'][1]} (tile {m.get('tile_size')}): untiled "
                      f"+{m['untiled (VAEDecode)']['peak_mem_mb']:.0f} MiB, OptimVAE +{m['OptimVAE']['peak_mem_mb']:.0f} "
-                     f"MiB ({m['peak_ratio']:.2f}x)")
+                     f"MiB ({m['peak_ratio']:.2f}x; the output itself is {m.get('output_mb', 0):.0f} MiB)")
     if "video" in r:
         v = r["video"]
-        lines.append(f"  video ({v['frames']} frames): untiled +{v['untiled (VAEDecode)']['peak_mem_mb']:.0f} MiB, "
-                     f"OptimVAE +{v['OptimVAE tile 160']['peak_mem_mb']:.0f} MiB, PSNR "
-                     f"{v['OptimVAE tile 160']['psnr_db']:.2f} dB")
+        lines.append(f"  video, Wan 2.1 VAE, latent {v['latent']} -> {v['frames']} frames of "
+                     f"{v['resolution'][0]}x{v['resolution'][1]} (output {v['output_mb']:.0f} MiB):")
+        for name, row in v["arms"].items():
+            extra = f", PSNR {row['psnr_db']:.2f} dB, max |diff| {row['max_abs_diff']:.2e}" if "psnr_db" in row else ""
+            lines.append(f"    {name:46s} {row['seconds']:7.2f} s, peak +{row['peak_mem_mb']:.0f} MiB{extra}")
+        lines.append(f"    tiles + temporal chunks bit-identical to tiles alone: {v['chunked_tiles_equal_unchunked_tiles']}")
     return "\n".join(lines)
 
 
 def save(result: dict, out: Path | None = None) -> Path:
-    out = out or RESULTS_DIR / f"vae_tiling-sd-{result['device']}.json"
+    name = "vae_tiling-sd" if "decode" in result else "vae_memory"
+    out = out or RESULTS_DIR / f"{name}-{result['device']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     return out

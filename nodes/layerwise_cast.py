@@ -5,6 +5,7 @@ import logging
 from comfy_api.latest import io
 
 from ..optim import layerwise_cast as lc
+from .messages import node_id_of, stats_sender
 
 log = logging.getLogger("comfyui-optim")
 
@@ -70,6 +71,7 @@ class OptimLayerwiseCast(io.ComfyNode):
                         "stay in high precision. Works on this branch's clone only.",
             inputs=_inputs(io.Model.Input("model")),
             outputs=[io.Model.Output(display_name="model")],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
@@ -93,7 +95,7 @@ class OptimLayerwiseCast(io.ComfyNode):
         patched = model.clone()
         plan = lc.attach(patched, _rules(family, skip_preset, skip_modules_pattern, skip_modules_classes),
                          lc.STORAGE_DTYPES[storage_dtype], lc.COMPUTE_DTYPES[compute_dtype],
-                         scaled=per_channel_scale)
+                         scaled=per_channel_scale, on_stats=stats_sender(node_id_of(cls), "layerwise_cast"))
         if not plan.names:
             log.warning("OptimLayerwiseCast: every layer of %s is skipped; nothing is stored in fp8",
                         type(dm).__name__)
@@ -113,6 +115,7 @@ class OptimLayerwiseCastCLIP(io.ComfyNode):
                         "high precision.",
             inputs=_inputs(io.Clip.Input("clip")),
             outputs=[io.Clip.Output(display_name="clip")],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
@@ -132,6 +135,6 @@ class OptimLayerwiseCastCLIP(io.ComfyNode):
         plan = lc.attach(patched.patcher, _rules("text", skip_preset, skip_modules_pattern,
                                                  skip_modules_classes),
                          lc.STORAGE_DTYPES[storage_dtype], lc.COMPUTE_DTYPES[compute_dtype], root_attr=None,
-                         scaled=per_channel_scale)
+                         scaled=per_channel_scale, on_stats=stats_sender(node_id_of(cls), "layerwise_cast"))
         log.info("OptimLayerwiseCastCLIP: %s", plan.summary())
         return io.NodeOutput(patched)

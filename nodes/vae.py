@@ -3,6 +3,7 @@ every downstream VAE Decode / VAE Encode."""
 from comfy_api.latest import io
 
 from ..optim import vae_tiling
+from .messages import node_id_of, stats_sender
 
 
 class OptimVAE(io.ComfyNode):
@@ -15,8 +16,9 @@ class OptimVAE(io.ComfyNode):
             description="Returns the VAE with tiled, sliced decode and encode: one pass of evenly "
                         "sized tiles with feathered blending (ComfyUI's tiled decode runs three "
                         "passes), retried with smaller tiles on out-of-memory. Plain VAE Decode / "
-                        "VAE Encode nodes downstream use it. Video latents are tiled in space with "
-                        "all frames in each tile.",
+                        "VAE Encode nodes downstream use it. Video latents are tiled in space and, "
+                        "with temporal_chunk, decoded a few latent frames at a time with the causal "
+                        "cache carried across chunks (Wan 2.1 / 2.2 VAEs: same output, no seams).",
             inputs=[
                 io.Vae.Input("vae"),
                 io.Combo.Input("tiling", options=list(vae_tiling.TILING_MODES), default="auto",
@@ -37,22 +39,29 @@ class OptimVAE(io.ComfyNode):
                 io.Int.Input("min_tile_size", default=128, min=32, max=8192, step=32, optional=True,
                              tooltip="Out-of-memory retries halve the tile down to this many pixels, "
                                      "then stop with an error."),
+                io.Int.Input("temporal_chunk", default=0, min=0, max=4096, optional=True,
+                             tooltip="Video VAEs (Wan 2.1 / 2.2): latent frames per call, the causal "
+                                     "cache carried from chunk to chunk so the video is the same as "
+                                     "one call's; only one chunk's output (per tile) is on the device "
+                                     "at a time. 0: all frames in one call."),
             ],
+            hidden=[io.Hidden.unique_id],
             outputs=[io.Vae.Output(display_name="vae")],
         )
 
     @classmethod
     def validate_inputs(cls, tiling, tile_size, overlap, slice_size=0, vram_budget_gb=0.0,
-                        min_tile_size=128):
+                        min_tile_size=128, temporal_chunk=0):
         problems = vae_tiling.TilingParams(tiling, tile_size, overlap, slice_size, vram_budget_gb,
-                                           min_tile_size).problems()
+                                           min_tile_size, temporal_chunk).problems()
         return "; ".join(problems) if problems else True
 
     @classmethod
     def execute(cls, vae, tiling="auto", tile_size=512, overlap=64, slice_size=0, vram_budget_gb=0.0,
-                min_tile_size=128) -> io.NodeOutput:
-        params = vae_tiling.TilingParams(tiling, tile_size, overlap, slice_size, vram_budget_gb, min_tile_size)
+                min_tile_size=128, temporal_chunk=0) -> io.NodeOutput:
+        params = vae_tiling.TilingParams(tiling, tile_size, overlap, slice_size, vram_budget_gb, min_tile_size,
+                                         temporal_chunk)
         problems = params.problems()
         if problems:
             raise ValueError("OptimVAE: " + "; ".join(problems))
-        return io.NodeOutput(vae_tiling.wrap_vae(vae, params))
+        return io.NodeOutput(vae_tiling.wrap_vae(vae, params, on_stats=stats_sender(node_id_of(cls), "vae")))

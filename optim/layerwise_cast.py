@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -193,14 +194,30 @@ class Rescale:
         return weight * self.scale.to(device=weight.device, dtype=weight.dtype)
 
 
-def quantize(source: torch.Tensor, storage_dtype: torch.dtype, scaled: bool):
-    """(fp8 tensor, per-output-channel scale or None)."""
+def quantize(source: torch.Tensor, storage_dtype: torch.dtype, scaled: bool, scale_search: int = 0):
+    """(fp8 tensor, per-output-channel scale or None). The scale maps each channel's largest
+    magnitude to fp8's largest value; with `scale_search` > 0 each channel instead takes, of that many
+    multipliers between 0.5 and 1 of it, the one with the least squared rounding error (the larger
+    values then clip at fp8's maximum; measured: 3-5% less weight MSE, see README)."""
     if not scaled:
         return source.to(storage_dtype), None
     src = source.float()
+    fmax = torch.finfo(storage_dtype).max
     amax = src.abs().reshape(src.shape[0], -1).amax(dim=1).clamp_min(1e-12)
-    scale = (amax / torch.finfo(storage_dtype).max).reshape(-1, *([1] * (src.dim() - 1)))
-    return (src / scale).to(storage_dtype), scale
+    scale = (amax / fmax).reshape(-1, *([1] * (src.dim() - 1)))
+    if scale_search > 0:
+        best_err, best = None, scale
+        for m in torch.linspace(0.5, 1.0, scale_search + 1).tolist():
+            s = scale * m
+            err = ((src / s).clamp(-fmax, fmax).to(storage_dtype).float() * s - src).pow(2)
+            err = err.reshape(src.shape[0], -1).sum(dim=1).reshape(scale.shape)
+            if best_err is None:
+                best_err, best = err, s
+            else:
+                better = err < best_err
+                best_err, best = torch.where(better, err, best_err), torch.where(better, s, best)
+        scale = best
+    return (src / scale).clamp(-fmax, fmax).to(storage_dtype), scale
 
 
 @dataclass
@@ -210,6 +227,9 @@ class LayerwiseCast:
     names: list[str]
     storage_dtype: torch.dtype
     scaled: bool = True
+    scale_search: int = 0                  # see quantize
+    kept: int = 0                          # castable layers the skip rules keep in high precision
+    on_stats: Callable[[dict], None] | None = None
     last_stats: dict | None = None
     _freed: int = 0
 
@@ -217,9 +237,11 @@ class LayerwiseCast:
         return getattr(patcher.model, self.root_attr) if self.root_attr else patcher.model
 
     def inject(self, patcher) -> None:
-        modules = dict(self.root(patcher).named_modules())
+        root = self.root(patcher)
+        modules = dict(root.named_modules())
         offload = patcher.offload_device
-        freed, cast = 0, 0
+        freed, cast, saved = 0, 0, 0
+        before = sum(p.numel() * p.element_size() for p in root.parameters())
         with torch.no_grad():
             for name in self.names:
                 m = modules.get(name)
@@ -232,19 +254,24 @@ class LayerwiseCast:
                     source = w.to(torch.float32)
                     for f in functions:
                         source = f(source)
-                q, scale = quantize(source, self.storage_dtype, self.scaled)
+                q, scale = quantize(source, self.storage_dtype, self.scaled, self.scale_search)
                 fp8 = torch.nn.Parameter(q, requires_grad=False)
                 on_accelerator = offload is not None and w.device != torch.device(offload)
                 weight_swap.swap(patcher.model, m, fp8, offload_device=offload if on_accelerator else None,
                                  weight_function=[Rescale(scale)] if scale is not None else [],
                                  comfy_cast_weights=True)
                 cast += 1
+                saved += w.numel() * w.element_size() - fp8.numel() * fp8.element_size() \
+                    - (scale.numel() * scale.element_size() if scale is not None else 0)
                 if on_accelerator:
                     freed += w.numel() * w.element_size() - fp8.numel() * fp8.element_size()
         self._freed = freed
         if freed and hasattr(patcher.model, "model_loaded_weight_memory"):
             patcher.model.model_loaded_weight_memory -= freed
-        self.last_stats = {"cast_layers": cast}
+        self.last_stats = {"layers_cast": cast, "layers_kept": self.kept + len(self.names) - cast,
+                           "weight_bytes_before": before, "weight_bytes_after": before - saved}
+        if self.on_stats is not None:
+            self.on_stats(dict(self.last_stats))
 
     def eject(self, patcher) -> None:
         weight_swap.restore_all(patcher.model)
@@ -254,14 +281,18 @@ class LayerwiseCast:
 
 
 def attach(patcher, rules: SkipRules, storage_dtype: torch.dtype, compute_dtype: torch.dtype | None,
-           root_attr: str | None = "diffusion_model", scaled: bool = True) -> CastPlan:
-    """Install layerwise casting on `patcher` (a clone the caller owns); returns the plan."""
+           root_attr: str | None = "diffusion_model", scaled: bool = True,
+           on_stats: Callable[[dict], None] | None = None, scale_search: int = 0) -> CastPlan:
+    """Install layerwise casting on `patcher` (a clone the caller owns); returns the plan.
+    `on_stats(stats)` is called each time the cast is applied (at model load) with the layers cast
+    and kept and the weight bytes of the model before and after."""
     from comfy.patcher_extension import PatcherInjection
     if patcher.get_injections(INJECTION_KEY):
         raise ValueError("layerwise casting is already applied to this model")
     root = getattr(patcher.model, root_attr) if root_attr else patcher.model
     the_plan = plan(root, rules, storage_dtype, scaled)
-    state = LayerwiseCast(root_attr, the_plan.names, storage_dtype, scaled)
+    state = LayerwiseCast(root_attr, the_plan.names, storage_dtype, scaled, scale_search,
+                          kept=len(the_plan.skipped), on_stats=on_stats)
     patcher.set_injections(INJECTION_KEY, [PatcherInjection(inject=state.inject, eject=state.eject)])
     if compute_dtype is not None:
         patcher.set_model_compute_dtype(compute_dtype)  # ComfyUI's own: manual_cast_dtype + cast ops

@@ -104,6 +104,7 @@ class TilingParams:
     slice_size: int = 0           # samples per decode call; 0: as many as the budget allows
     vram_budget_gb: float = 0.0   # 0: the device's free memory
     min_tile_size: int = 128      # pixels: the smallest tile an out-of-memory retry goes down to
+    temporal_chunk: int = 0       # latent frames per video VAE call, causal cache carried; 0: off
 
     def floor_cells(self, ratio: int) -> int:
         return max(1, min(self.min_tile_size, self.tile_size) // ratio)
@@ -122,6 +123,8 @@ class TilingParams:
             out.append(f"vram_budget_gb must be >= 0, got {self.vram_budget_gb}")
         if self.min_tile_size < 32:
             out.append(f"min_tile_size must be >= 32 pixels, got {self.min_tile_size}")
+        if self.temporal_chunk < 0:
+            out.append(f"temporal_chunk must be >= 0 latent frames (0: off), got {self.temporal_chunk}")
         return out
 
 
@@ -165,11 +168,16 @@ def run_sliced(x: torch.Tensor, plan_: Plan, call: Callable[[torch.Tensor, Plan]
 
 
 def with_oom_retry(x: torch.Tensor, plan_: Plan, call, grid_hw: tuple[int, int], min_tile: int,
-                   what: str = "VAE decode") -> torch.Tensor:
+                   what: str = "VAE decode", record: dict | None = None) -> torch.Tensor:
     """`run_sliced` that, on out-of-memory, decodes one sample at a time, then tiles (halving the
-    tile each time) down to `min_tile` cells, then raises TilingOutOfMemory."""
+    tile each time) down to `min_tile` cells, then raises TilingOutOfMemory. `record`, if given,
+    gets the number of attempts ("passes") and the plan that succeeded ("plan")."""
     current = plan_
+    attempts = 0
     while True:
+        attempts += 1
+        if record is not None:
+            record.update(passes=attempts, plan=current)
         try:
             return run_sliced(x, current, call)
         except Exception as e:  # noqa: BLE001  only out-of-memory errors are retried
@@ -200,9 +208,10 @@ def with_oom_retry(x: torch.Tensor, plan_: Plan, call, grid_hw: tuple[int, int],
 _wrapped_classes: dict[type, type] = {}
 
 
-def wrap_vae(vae, params: TilingParams):
+def wrap_vae(vae, params: TilingParams, on_stats: Callable[[dict], None] | None = None):
     """A copy of ComfyUI's `vae` (same model, patcher and settings; nothing of `vae` changes) whose
-    `decode` and `encode` use `params`. `decode_tiled`/`encode_tiled` (VAEDecodeTiled) are ComfyUI's."""
+    `decode` and `encode` use `params`. `decode_tiled`/`encode_tiled` (VAEDecodeTiled) are ComfyUI's.
+    `on_stats(stats)` is called after each decode/encode with what it did."""
     base_cls = type(vae)
     if getattr(base_cls, "_optim_tiling", False):
         base_cls = base_cls.__mro__[1]
@@ -212,6 +221,7 @@ def wrap_vae(vae, params: TilingParams):
     new = object.__new__(_wrapped_classes[base_cls])
     new.__dict__.update(vae.__dict__)
     new.optim_tiling = params
+    new.optim_on_stats = on_stats
     new.optim_last = None
     return new
 
@@ -228,12 +238,59 @@ def _budget(vae, params: TilingParams) -> float:
     return float(mm.get_free_memory(vae.device))
 
 
+def _temporal_chunk(vae, params: TilingParams, ndim: int) -> int:
+    """Latent frames per call for a video input, 0 when not chunking (off, images, or a video VAE
+    whose cache cannot be carried: a warning names it and every frame is decoded in one call)."""
+    if not params.temporal_chunk or ndim != 5:
+        return 0
+    from . import vae_temporal
+    if not vae_temporal.supports(vae.first_stage_model):
+        log.warning("OptimVAE: temporal_chunk has no effect on %s (only Wan 2.1 / 2.2 VAEs carry their "
+                    "causal cache across chunks); decoding all frames in one call",
+                    type(vae.first_stage_model).__name__)
+        return 0
+    return params.temporal_chunk
+
+
+def _frames(ratio, n: int) -> int:
+    return int(ratio(n)) if callable(ratio) else n * ratio
+
+
+class _RunStats:
+    """What one decode/encode did, for the frontend badges (and `vae.optim_last`)."""
+
+    def __init__(self, vae):
+        self.vae = vae
+        self.cuda = getattr(vae.device, "type", str(vae.device)) == "cuda" and torch.cuda.is_available()
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(vae.device)
+        self.record: dict = {}
+        self.chunks = 0
+
+    def finish(self, grid: tuple[int, int], ratio: int, slice_size_default: int) -> dict:
+        p: Plan | None = self.record.get("plan")
+        tile = p.tile if p is not None else None
+        tiles = 1 if tile is None else len(tile_spans(grid[0], tile, p.overlap)) * len(tile_spans(grid[1], tile, p.overlap))
+        stats = {"tiles": tiles, "passes": self.record.get("passes", 1), "tile_size": tile * ratio if tile else 0,
+                 "temporal_chunks": self.chunks, "slice_size": p.slice_size if p else slice_size_default}
+        if self.cuda:
+            stats["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated(self.vae.device))
+        self.vae.optim_last = {"tile_px": tile * ratio if tile else None, "slice_size": stats["slice_size"],
+                               **stats}
+        if self.vae.optim_on_stats is not None:
+            self.vae.optim_on_stats(dict(stats))
+        return stats
+
+
 def _decode(self, samples_in, vae_options={}):
     import comfy.model_management as mm
+    from . import vae_temporal
     self.throw_exception_if_invalid()
     params: TilingParams = self.optim_tiling
-    if params.tiling == "off" and params.slice_size == 0 or not _spatial_kind(self, samples_in.ndim):
+    chunk = _temporal_chunk(self, params, samples_in.ndim)
+    if params.tiling == "off" and params.slice_size == 0 and not chunk or not _spatial_kind(self, samples_in.ndim):
         return type(self).__mro__[1].decode(self, samples_in, vae_options)
+    run_stats = _RunStats(self)
     ratio = self.spacial_compression_decode()
     grid = tuple(samples_in.shape[-2:])
 
@@ -246,24 +303,37 @@ def _decode(self, samples_in, vae_options={}):
     def decode_fn(z):
         return self.first_stage_model.decode(z.to(self.vae_dtype).to(self.device), **vae_options)
 
-    def call(batch, p: Plan):
-        if p.tile is None:
-            return decode_fn(batch).to(self.output_device).float()
-        return tiled(batch, decode_fn, grid, 1, ratio, p.tile, p.overlap, self.output_device)
+    def chunked(z):   # one tile (or the whole frame) as a video, `chunk` latent frames a call
+        spans = vae_temporal.chunk_bounds(z.shape[2], chunk)
+        run_stats.chunks = len(spans)
+        return vae_temporal.run_chunked(z, spans, vae_temporal.CarriedCache(self.first_stage_model.decoder),
+                                        decode_fn, self.output_device,
+                                        out_frames=lambda n: _frames(self.upscale_ratio[0], n))
 
-    out = with_oom_retry(samples_in, the_plan, call, grid, params.floor_cells(ratio), "VAE decode")
-    self.optim_last = {"tile_px": the_plan.tile * ratio if the_plan.tile else None,
-                       "slice_size": the_plan.slice_size}
+    def call(batch, p: Plan):
+        run_stats.chunks = 1 if batch.ndim == 5 else 0
+        fn = chunked if chunk and batch.shape[2] > chunk else decode_fn
+        if p.tile is None:
+            return fn(batch).to(self.output_device).float()
+        return tiled(batch, fn, grid, 1, ratio, p.tile, p.overlap, self.output_device)
+
+    out = with_oom_retry(samples_in, the_plan, call, grid, params.floor_cells(ratio), "VAE decode",
+                         record=run_stats.record)
+    run_stats.finish(grid, ratio, the_plan.slice_size)
     return self.process_output(out).to(self.output_device).movedim(1, -1)
 
 
 def _encode(self, pixel_samples):
     import comfy.model_management as mm
+    from . import vae_temporal
     self.throw_exception_if_invalid()
     params: TilingParams = self.optim_tiling
-    if params.tiling == "off" and params.slice_size == 0 or self.extra_1d_channel is not None \
-            or self.latent_dim not in (2, 3):
+    if self.extra_1d_channel is not None or self.latent_dim not in (2, 3):
         return type(self).__mro__[1].encode(self, pixel_samples)
+    chunk = _temporal_chunk(self, params, 5 if self.latent_dim == 3 else pixel_samples.ndim)
+    if params.tiling == "off" and params.slice_size == 0 and not chunk:
+        return type(self).__mro__[1].encode(self, pixel_samples)
+    run_stats = _RunStats(self)
     pixels = self.vae_encode_crop_pixels(pixel_samples).movedim(-1, 1)
     if self.latent_dim == 3 and pixels.ndim < 5:   # as ComfyUI's encode: frames on their own axis
         pixels = pixels.movedim(1, 0).unsqueeze(0) if not self.not_video else pixels.unsqueeze(2)
@@ -279,12 +349,23 @@ def _encode(self, pixel_samples):
     def encode_fn(px):
         return self.first_stage_model.encode(self.process_input(px).to(self.vae_dtype).to(self.device))
 
-    def call(batch, p: Plan):
-        if p.tile is None:
-            return encode_fn(batch).to(self.output_device).float()
-        return tiled(batch, encode_fn, grid, ratio, 1, p.tile, p.overlap, self.output_device)
+    def chunked(px):   # WanVAE groups pixel frames 1, 4, 4, ...: `chunk` latent frames a call
+        spans = vae_temporal.chunk_bounds(px.shape[2], chunk, step=self.downscale_index_formula[0])
+        run_stats.chunks = len(spans)
+        return vae_temporal.run_chunked(px, spans, vae_temporal.CarriedCache(self.first_stage_model.encoder),
+                                        encode_fn, self.output_device,
+                                        out_frames=lambda n: _frames(self.downscale_ratio[0], n),
+                                        dummy_after_first=True)
 
-    out = with_oom_retry(pixels, the_plan, call, grid, params.floor_cells(ratio), "VAE encode")
-    self.optim_last = {"tile_px": the_plan.tile * ratio if the_plan.tile else None,
-                       "slice_size": the_plan.slice_size}
+    def call(batch, p: Plan):
+        run_stats.chunks = 1 if batch.ndim == 5 else 0
+        first_span = 1 + self.downscale_index_formula[0] * (chunk - 1) if chunk else 0
+        fn = chunked if chunk and batch.ndim == 5 and batch.shape[2] > first_span else encode_fn
+        if p.tile is None:
+            return fn(batch).to(self.output_device).float()
+        return tiled(batch, fn, grid, ratio, 1, p.tile, p.overlap, self.output_device)
+
+    out = with_oom_retry(pixels, the_plan, call, grid, params.floor_cells(ratio), "VAE encode",
+                         record=run_stats.record)
+    run_stats.finish(grid, ratio, the_plan.slice_size)
     return out

@@ -182,3 +182,37 @@ def test_clip_variant_casts_the_text_encoder_on_its_clone_only(comfy_nodes):
         out = cast.encode_from_tokens(tokens)
         assert not torch.equal(out, ref) and psnr(ref, out) > 25
         assert torch.equal(clip.encode_from_tokens(tokens), ref)
+
+
+def test_run_stats_are_sent_to_the_frontend(node, unet, monkeypatch):
+    import sys
+    import types
+    from comfy_api.latest import io
+    sent = []
+
+    class FakeServer:
+        client_id, last_prompt_id = "tab-1", "p1"
+
+        def send_sync(self, event, data, sid=None):
+            sent.append((event, data))
+    fake = types.ModuleType("server")
+    fake.PromptServer = type("PromptServer", (), {"instance": FakeServer()})
+    monkeypatch.setitem(sys.modules, "server", fake)
+    before = sum(p.numel() * p.element_size() for p in unet.model.diffusion_model.parameters())
+    patched = node.PREPARE_CLASS_CLONE({io.Hidden.unique_id: "9"}).execute(model=unet).result[0]
+    sample(patched, steps=1)
+    assert sent and all((e, d["node"], d["technique"]) == ("comfyui-optim.stats", "9", "layerwise_cast")
+                        for e, d in sent)
+    stats, plan = sent[-1][1]["stats"], patched.layerwise_cast_plan
+    assert stats["layers_cast"] == len(plan.names) > 0 and stats["layers_kept"] == len(plan.skipped) > 0
+    assert stats["weight_bytes_before"] == before
+    assert stats["weight_bytes_after"] == before - plan.saved_bytes   # fp8 weights + fp32 scales
+
+
+def test_scale_search_never_increases_a_channels_rounding_error():
+    w = torch.randn(64, 96, generator=torch.Generator().manual_seed(0)) * 0.02
+    errors = {}
+    for search in (0, 20):
+        q, scale = lc.quantize(w, torch.float8_e4m3fn, True, scale_search=search)
+        errors[search] = (q.float() * scale - w).pow(2).sum(dim=1)
+    assert torch.all(errors[20] <= errors[0]) and errors[20].sum() < errors[0].sum()

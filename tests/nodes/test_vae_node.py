@@ -105,8 +105,10 @@ def test_out_of_memory_retries_then_fails_clearly(node, comfy_nodes):
             return original(self, x, **kw)
     model.__class__ = OOMAboveEightCells
     z = flaky.encode(smooth_image(128, 128))
-    out = wrap(node, flaky, tiling="auto", tile_size=128, overlap=16, min_tile_size=32).decode(z)
+    retried = wrap(node, flaky, tiling="auto", tile_size=128, overlap=16, min_tile_size=32)
+    out = retried.decode(z)
     assert tiles[0] == (16, 16) and max(tiles[-1]) <= 8 and torch.isfinite(out).all()
+    assert retried.optim_last["passes"] == 2 and retried.optim_last["tile_size"] == 64   # the badge's figures
     with pytest.raises(RuntimeError, match="floor"):   # TilingOutOfMemory, as loaded by ComfyUI
         wrap(node, flaky, tiling="auto", tile_size=128, overlap=16, min_tile_size=128).decode(z)
 
@@ -119,9 +121,110 @@ def test_validation(node):
         node.execute(vae=None, **{**ok, "overlap": 300})
 
 
-def test_video_vae_spatial_tiles_keep_every_frame(node, comfy_nodes):
-    wan = factory.build_vae("wan21")
+def test_video_vae_spatial_tiles_keep_every_frame(node, wan):
     z = torch.randn(1, 16, 2, 12, 12, generator=torch.Generator().manual_seed(0)) * 0.5
     ref = wan.decode(z)
     out = wrap(node, wan, tile_size=64, overlap=16).decode(z)
     assert out.shape == ref.shape and psnr(ref, out) > 20
+
+
+@pytest.fixture(scope="module")
+def wan(comfy_nodes):
+    return factory.build_vae("wan21")   # Wan 2.1 VAE at its real size, generated weights
+
+
+def video_latent(frames, side=4):
+    return torch.randn(1, 16, frames, side, side, generator=torch.Generator().manual_seed(0)) * 0.5
+
+
+def test_temporal_chunks_carry_the_causal_cache_so_decode_is_unchanged(node, wan):
+    z = video_latent(4)
+    ref = wan.decode(z)
+    for chunk in (1, 3):
+        chunked = wrap(node, wan, tiling="off", temporal_chunk=chunk)
+        out = chunked.decode(z)
+        assert torch.equal(out, ref), f"chunk {chunk}: max diff {float((out - ref).abs().max())}"
+        assert chunked.optim_last["temporal_chunks"] == -(-4 // chunk)
+    decoder = wan.first_stage_model.decoder
+    assert not decoder._forward_pre_hooks and not decoder._forward_hooks   # hooks only during a call
+    # the control: a chunk decoded on its own (the cache not carried) starts a new video: its first
+    # latent frame gives 1 frame, not 4, and the last latent frame's 4 frames differ
+    alone = wan.decode(z[:, :, 2:])
+    assert alone.shape[1] == 5 and float((alone[:, -4:] - ref[:, -4:]).abs().max()) > 1e-3
+
+
+def test_temporal_chunks_with_spatial_tiles_equal_the_unchunked_tiled_decode(node, wan):
+    z = video_latent(2, side=10)
+    tiled = wrap(node, wan, tile_size=64, overlap=16)
+    chunked = wrap(node, wan, tile_size=64, overlap=16, temporal_chunk=1)
+    out = chunked.decode(z)
+    assert chunked.optim_last["tiles"] == 4 and chunked.optim_last["temporal_chunks"] == 2
+    assert torch.equal(out, tiled.decode(z))
+
+
+def test_temporal_chunks_encode_equal_the_whole_video_encode(node, wan):
+    pixels = torch.rand(9, 32, 32, 3, generator=torch.Generator().manual_seed(1))   # 9 frames -> 3 latent
+    ref = wan.encode(pixels)
+    chunked = wrap(node, wan, tiling="off", temporal_chunk=1)
+    out = chunked.encode(pixels)
+    assert out.shape == ref.shape == (1, 16, 3, 4, 4)
+    assert torch.equal(out, ref) and chunked.optim_last["temporal_chunks"] == 3
+    # with spatial tiles: each tile is encoded as its own chunked video
+    pixels = torch.rand(5, 80, 80, 3, generator=torch.Generator().manual_seed(2))
+    tiled = wrap(node, wan, tile_size=64, overlap=16).encode(pixels)
+    chunked = wrap(node, wan, tile_size=64, overlap=16, temporal_chunk=1)
+    assert torch.equal(chunked.encode(pixels), tiled) and chunked.optim_last["tiles"] == 4
+
+
+def test_temporal_chunk_validation_and_images_ignore_it(node, vae):
+    ok = dict(tiling="auto", tile_size=512, overlap=64, slice_size=0, vram_budget_gb=0.0)
+    assert node.validate_inputs(**ok, temporal_chunk=4) is True
+    assert "temporal_chunk" in node.validate_inputs(**ok, temporal_chunk=-1)
+    z = vae.encode(smooth_image(64, 64))
+    assert torch.equal(wrap(node, vae, tiling="off", temporal_chunk=2).decode(z), vae.decode(z))
+
+
+def test_run_stats_are_sent_to_the_frontend(node, vae, wan, monkeypatch):
+    import sys
+    import types
+    from comfy_api.latest import io
+    sent = []
+
+    class FakeServer:
+        client_id, last_prompt_id = "tab-1", "p1"
+
+        def send_sync(self, event, data, sid=None):
+            sent.append((event, data))
+    fake = types.ModuleType("server")
+    fake.PromptServer = type("PromptServer", (), {"instance": FakeServer()})
+    monkeypatch.setitem(sys.modules, "server", fake)
+    clone = node.PREPARE_CLASS_CLONE({io.Hidden.unique_id: "5"})
+    args = dict(tiling="always", tile_size=64, overlap=16, slice_size=0, vram_budget_gb=0.0)
+    clone.execute(vae=vae, **args).result[0].decode(vae.encode(smooth_image(128, 128)))
+    clone.execute(vae=wan, **{**args, "tiling": "off", "temporal_chunk": 2}).result[0].decode(video_latent(3))
+    assert [(e, d["node"], d["technique"]) for e, d in sent] == [("comfyui-optim.stats", "5", "vae")] * 2
+    image, video = sent[0][1]["stats"], sent[1][1]["stats"]
+    assert image["tiles"] == 9 and image["passes"] == 1 and image["tile_size"] == 64 and image["temporal_chunks"] == 0
+    assert video["tiles"] == 1 and video["tile_size"] == 0 and video["temporal_chunks"] == 2
+    assert "peak_memory_bytes" not in image   # CPU: no allocator peak to report
+
+
+def test_wan22_vae_chunks_carry_the_cache_and_first_chunk_flag(comfy_nodes):
+    """Wan 2.2's VAE keeps its cache on the module and flags a call's first frame `first_chunk`;
+    chunked decode and encode still equal one call (a small Wan 2.2 VAE, generated weights)."""
+    from comfy.ldm.wan.vae2_2 import WanVAE
+    from optim import vae_temporal as vt
+    model = factory.fill_module(WanVAE(dim=16, dec_dim=16, z_dim=8, dim_mult=[1, 2, 4, 4], num_res_blocks=1, attn_scales=[],
+                                       temperal_downsample=[False, True, True]), 0).eval()
+    assert vt.supports(model)
+    z = torch.randn(1, 8, 3, 2, 2, generator=torch.Generator().manual_seed(0))
+    ref = model.decode(z)
+    out = vt.run_chunked(z, vt.chunk_bounds(3, 2), vt.CarriedCache(model.decoder),
+                         model.decode, "cpu", out_frames=lambda n: 4 * n - 3)
+    # float noise only (its 1x1x1 conv2 runs on 2 frames instead of 3: ~1e-7); a cut cache is ~1e-2
+    assert float((out - ref).abs().max()) < 1e-5
+    pixels = torch.rand(1, 3, 9, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    out = vt.run_chunked(pixels, vt.chunk_bounds(9, 1, step=4), vt.CarriedCache(model.encoder),
+                         model.encode, "cpu", out_frames=lambda n: (n + 3) // 4,
+                         dummy_after_first=True)
+    assert float((out - model.encode(pixels)).abs().max()) < 1e-5

@@ -120,3 +120,25 @@ def test_params_validation():
     assert any("tiling" in p for p in vt.TilingParams(tiling="sometimes").problems())
     assert any("min_tile_size" in p for p in vt.TilingParams(tile_size=256, min_tile_size=16).problems())
     assert vt.TilingParams(tile_size=256, min_tile_size=512).floor_cells(8) == 32
+
+
+def test_temporal_chunk_bounds_follow_the_wan_frame_groups():
+    from optim.vae_temporal import chunk_bounds
+    assert chunk_bounds(5, 2) == [(0, 2), (2, 4), (4, 5)]                  # latent frames
+    assert chunk_bounds(3, 8) == [(0, 3)]
+    # pixel frames grouped 1, 4, 4, ...: 2 latent frames = 5 pixel frames first, then 8 each
+    assert chunk_bounds(17, 2, step=4) == [(0, 5), (5, 13), (13, 17)]
+    assert chunk_bounds(19, 2, step=4) == [(0, 5), (5, 13), (13, 17)]      # 2 trailing frames dropped
+    assert chunk_bounds(0, 2) == []
+
+
+def test_temporal_chunk_on_a_vae_without_a_carried_cache_warns_and_is_off(caplog):
+    from types import SimpleNamespace
+    from optim import vae_tiling
+    vae = SimpleNamespace(first_stage_model=torch.nn.Conv3d(1, 1, 1))
+    params = vae_tiling.TilingParams(temporal_chunk=2)
+    assert vae_tiling._temporal_chunk(vae, params, 4) == 0                # images: nothing to chunk
+    with caplog.at_level("WARNING", logger="comfyui-optim"):
+        assert vae_tiling._temporal_chunk(vae, params, 5) == 0
+    assert "Conv3d" in caplog.text and "temporal_chunk has no effect" in caplog.text
+    assert "temporal_chunk" in vae_tiling.TilingParams(temporal_chunk=-1).problems()[0]
