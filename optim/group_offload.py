@@ -601,7 +601,9 @@ class GroupOffload:
         groups = plan_groups(self.root(patcher), self.params.offload_type, self.params.num_blocks_per_group)
         target = self.budget_bytes(groups)
         loaded = patcher.loaded_size()
-        if loaded > target:
+        # ComfyUI's unload measures what it frees with other injections ejected: where one of them
+        # shrinks the weights (an fp8 cast), one pass frees less than asked; go on while it helps
+        while loaded > target:
             # from inside our injection, ComfyUI's unload may eject and re-inject: ignore those
             # calls (the injection goes on to plan from the new state); from the sampling wrapper
             # the re-injection is what installs the hooks for the new state
@@ -610,6 +612,9 @@ class GroupOffload:
                 patcher.partially_unload(patcher.offload_device, loaded - target)
             finally:
                 self.enforcing = False
+            loaded, before = patcher.loaded_size(), loaded
+            if loaded >= before:
+                break
         self.stats.resident_bytes = patcher.loaded_size()
 
     def apply_model(self, executor, *args, **kwargs):

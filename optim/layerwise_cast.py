@@ -19,7 +19,7 @@ by measurement: see bench/layerwise_fidelity.py), a user regex and user class na
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -231,7 +231,10 @@ class LayerwiseCast:
     kept: int = 0                          # castable layers the skip rules keep in high precision
     on_stats: Callable[[dict], None] | None = None
     last_stats: dict | None = None
-    _freed: int = 0
+    # bytes each cast layer's weight saves; ComfyUI's count of loaded weights holds the fp8 size of
+    # the layers it has loaded while we are injected (that is what its own loads count when they
+    # run without ejecting us), and the full size while we are ejected
+    _saving: dict = field(default_factory=dict)
 
     def root(self, patcher) -> torch.nn.Module:
         return getattr(patcher.model, self.root_attr) if self.root_attr else patcher.model
@@ -240,7 +243,8 @@ class LayerwiseCast:
         root = self.root(patcher)
         modules = dict(root.named_modules())
         offload = patcher.offload_device
-        freed, cast, saved = 0, 0, 0
+        cast, saved = 0, 0
+        self._saving = {}
         before = sum(p.numel() * p.element_size() for p in root.parameters())
         with torch.no_grad():
             for name in self.names:
@@ -261,23 +265,35 @@ class LayerwiseCast:
                                  weight_function=[Rescale(scale)] if scale is not None else [],
                                  comfy_cast_weights=True)
                 cast += 1
-                saved += w.numel() * w.element_size() - fp8.numel() * fp8.element_size() \
-                    - (scale.numel() * scale.element_size() if scale is not None else 0)
-                if on_accelerator:
-                    freed += w.numel() * w.element_size() - fp8.numel() * fp8.element_size()
-        self._freed = freed
-        if freed and hasattr(patcher.model, "model_loaded_weight_memory"):
-            patcher.model.model_loaded_weight_memory -= freed
+                self._saving[name] = w.numel() * w.element_size() - fp8.numel() * fp8.element_size()
+                saved += self._saving[name] - (scale.numel() * scale.element_size() if scale is not None else 0)
+        self._count_loaded(patcher, modules, -1)
         self.last_stats = {"layers_cast": cast, "layers_kept": self.kept + len(self.names) - cast,
                            "weight_bytes_before": before, "weight_bytes_after": before - saved}
         if self.on_stats is not None:
             self.on_stats(dict(self.last_stats))
 
     def eject(self, patcher) -> None:
+        self._count_loaded(patcher, dict(self.root(patcher).named_modules()), +1)
+        self._saving = {}
         weight_swap.restore_all(patcher.model)
-        if self._freed and hasattr(patcher.model, "model_loaded_weight_memory"):
-            patcher.model.model_loaded_weight_memory += self._freed
-        self._freed = 0
+
+    def _count_loaded(self, patcher, modules: dict, sign: int) -> None:
+        """Move ComfyUI's count of loaded weights between full and fp8 sizes, for the cast layers
+        it has loaded now (its low-VRAM layers are not in the count)."""
+        if not hasattr(patcher.model, "model_loaded_weight_memory"):
+            return
+        patcher.model.model_loaded_weight_memory += sign * sum(
+            saving for name, saving in self._saving.items()
+            if getattr(modules.get(name), "comfy_patched_weights", False) is True)
+
+    def on_load(self, patcher, device_to, lowvram_model_memory, force_patch_weights, full_load) -> None:
+        """After ComfyUI's load (we are ejected then): a full load counts the model at `patcher.size`,
+        which we made the fp8 size; count it at its full size like every other ejected-state
+        figure, since our injection takes the fp8 saving off the count itself."""
+        if full_load and hasattr(patcher.model, "model_loaded_weight_memory"):
+            import comfy.model_management as mm
+            patcher.model.model_loaded_weight_memory = mm.module_size(patcher.model)
 
 
 def attach(patcher, rules: SkipRules, storage_dtype: torch.dtype, compute_dtype: torch.dtype | None,
@@ -286,7 +302,7 @@ def attach(patcher, rules: SkipRules, storage_dtype: torch.dtype, compute_dtype:
     """Install layerwise casting on `patcher` (a clone the caller owns); returns the plan.
     `on_stats(stats)` is called each time the cast is applied (at model load) with the layers cast
     and kept and the weight bytes of the model before and after."""
-    from comfy.patcher_extension import PatcherInjection
+    from comfy.patcher_extension import CallbacksMP, PatcherInjection
     if patcher.get_injections(INJECTION_KEY):
         raise ValueError("layerwise casting is already applied to this model")
     root = getattr(patcher.model, root_attr) if root_attr else patcher.model
@@ -294,6 +310,7 @@ def attach(patcher, rules: SkipRules, storage_dtype: torch.dtype, compute_dtype:
     state = LayerwiseCast(root_attr, the_plan.names, storage_dtype, scaled, scale_search,
                           kept=len(the_plan.skipped), on_stats=on_stats)
     patcher.set_injections(INJECTION_KEY, [PatcherInjection(inject=state.inject, eject=state.eject)])
+    patcher.add_callback_with_key(CallbacksMP.ON_LOAD, INJECTION_KEY, state.on_load)
     if compute_dtype is not None:
         patcher.set_model_compute_dtype(compute_dtype)  # ComfyUI's own: manual_cast_dtype + cast ops
     # ComfyUI budgets loads with patcher.size (cached): make it the fp8 size

@@ -296,3 +296,29 @@ def test_vae_statistics_are_per_run_and_sent_after_each_call(comfy_nodes):
     assert sent[1]["transfers"] == 2 * sent[0]["transfers"] > 0
     assert sent[2]["bytes_moved"] == sent[0]["bytes_moved"] > 0
     assert all(s["groups"] == s["groups_streamed"] > 0 and s["peak_vram_bytes"] is None for s in sent)
+
+
+def loaded_weights(patcher) -> int:
+    """What ComfyUI's count should say: the current weights of the layers it has loaded."""
+    import comfy.model_management as mm
+    return sum(mm.module_size(m) for m in patcher.model.modules()
+               if getattr(m, "comfy_patched_weights", False) is True)
+
+
+@pytest.mark.parametrize("budget", [0.0, 6.0])
+def test_accounting_stays_true_under_the_fp8_cast_across_runs(node, comfy_nodes, budget):
+    """fp8 cast then group offload on Wan, prompt after prompt: ComfyUI's count of loaded weights
+    matches the layers it has loaded (it went negative on the second run once: its reload counts
+    the cast layers at fp8 size, its partial unload at full size)."""
+    wan = factory.build_model("wan21")
+    plain = apply(node, wan, num_blocks_per_group=2, vram_budget_gb=budget)
+    sample(plain, "wan21")
+    # ComfyUI's own count differs from the loaded layers by what it counts its own way (parameters
+    # outside leaf layers): the cast must not change that difference
+    residual = plain.loaded_size() - loaded_weights(plain)
+    cast = comfy_nodes.NODE_CLASS_MAPPINGS["OptimLayerwiseCast"].execute(model=wan).result[0]
+    off = apply(node, cast, num_blocks_per_group=2, vram_budget_gb=budget)
+    for _ in range(3):
+        sample(off, "wan21")
+        assert off.loaded_size() - loaded_weights(off) == residual
+        assert 0 < off.loaded_size() <= plain.loaded_size()
