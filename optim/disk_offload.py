@@ -37,7 +37,23 @@ def base_dir() -> Path:
     return Path(folder_paths.get_temp_directory()) / FOLDER
 
 
-class DiskStore:
+class _MappedViews:
+    """Parameters whose storage is a view of a mapped file: `views` = [(parameter, view)]."""
+    views: list[tuple[torch.nn.Parameter, torch.Tensor]]
+
+    def in_use(self) -> bool:
+        """Whether any parameter still rests on the file (ComfyUI may have loaded some to the GPU)."""
+        return any(p.data.data_ptr() == v.data_ptr() for p, v in self.views)
+
+    def _back_to_ram(self) -> None:
+        """Copy every parameter still on the file back into RAM."""
+        for p, v in self.views:
+            if p.data.data_ptr() == v.data_ptr():
+                p.data = v.clone()
+        self.views = []
+
+
+class DiskStore(_MappedViews):
     """One file holding a set of parameters, mapped back in place of their RAM storage."""
 
     def __init__(self, params: list[tuple[str, torch.nn.Parameter]], base: Path | None = None):
@@ -91,16 +107,9 @@ class DiskStore:
             views.append((p, v))
         return views
 
-    def in_use(self) -> bool:
-        """Whether any parameter still rests on this file (ComfyUI may have loaded some to the GPU)."""
-        return any(p.data.data_ptr() == v.data_ptr() for p, v in self.views)
-
     def release(self) -> None:
         """Copy every parameter still on the file back into RAM, then drop the folder."""
-        for p, v in self.views:
-            if p.data.data_ptr() == v.data_ptr():
-                p.data = v.clone()
-        self.views = []
+        self._back_to_ram()
         with _lock:
             left = _refs.get(self.folder, 1) - 1
             if left > 0:
@@ -139,7 +148,7 @@ def safetensors_header(path: Path) -> tuple[int, dict]:
     return 8 + n, header
 
 
-class FileBackedStore:
+class FileBackedStore(_MappedViews):
     """Parameters whose bytes are exactly those of a tensor in the model's own safetensors file get
     a private (copy-on-write) mapping of that file as their storage: nothing is written, the kernel
     reads the pages back from the file when needed. A parameter whose content differs from the file
@@ -184,12 +193,6 @@ class FileBackedStore:
             return None
         return buf[start + begin:start + end].view(p.dtype).view(p.shape)
 
-    def in_use(self) -> bool:
-        return any(p.data.data_ptr() == v.data_ptr() for p, v in self.views)
-
     def release(self) -> None:
         """Copy every parameter still on the file back into RAM (the file itself stays)."""
-        for p, v in self.views:
-            if p.data.data_ptr() == v.data_ptr():
-                p.data = v.clone()
-        self.views = []
+        self._back_to_ram()

@@ -104,30 +104,8 @@ def stage_embed(args, log) -> dict:
 
 def _latents(n: int, seed: int, log) -> tuple[torch.Tensor, list[str]]:
     """`n` rendered scenes encoded by the trained VAE, in the denoiser's latent space."""
-    from bench.reference import vae as rv
-    cache = work_dir() / f"latents_{n}_{seed}.pt"
-    if cache.exists():
-        d = torch.load(cache)
-        return d["latents"], d["captions"]
-    slim = rv.SlimTAESD(16)
-    slim.load_state_dict(torch.load(work_dir() / "slim_vae16.pt"))
-    import json
-    from bench.reference.train import VAE_FILE
-    from bench.reference import WEIGHTS_DIR
-    import safetensors
-    with safetensors.safe_open(str(WEIGHTS_DIR / VAE_FILE), "pt") as f:
-        meta = f.metadata()
-    mean, std = float(meta["latent_mean"]), float(meta["latent_std"])
-    images, captions = ds.make_dataset(n, seed)
-    out = []
-    with torch.no_grad():
-        for i in range(0, n, 256):
-            x = torch.from_numpy(images[i:i + 256]).permute(0, 3, 1, 2)
-            out.append((slim.encode(x) - mean) / std)
-    latents = torch.cat(out)
-    torch.save({"latents": latents, "captions": captions}, cache)
-    log(f"[dit] encoded {n} scenes: latent std {latents.std():.3f} mean {latents.mean():.3f}")
-    return latents, captions
+    from bench.reference.train import encoded_scenes
+    return encoded_scenes(16, n, seed, log, "dit")
 
 
 def stage_dit(args, log) -> dict:

@@ -36,6 +36,34 @@ def vae_layout(channels: int) -> tuple[str, str, str]:
     return {16: (VAE_FILE, "slim_vae16.pt", "SD3"), 4: (VAE4_FILE, "slim_vae4.pt", "SD15")}[channels]
 
 
+def encoded_scenes(channels: int, n: int, seed: int, log, tag: str) -> tuple[torch.Tensor, list[str]]:
+    """`n` rendered scenes encoded by the trained `channels`-wide VAE and normalised to the
+    denoiser's latent space (cached in the work folder: the name is what the VAE stage clears)."""
+    import safetensors
+    from bench.reference import dataset as ds
+    from bench.reference import vae as rv
+    file, slim_file, _ = vae_layout(channels)
+    cache = work_dir() / f"latents{'' if channels == 16 else channels}_{n}_{seed}.pt"
+    if cache.exists():
+        d = torch.load(cache)
+        return d["latents"], d["captions"]
+    slim = rv.SlimTAESD(channels)
+    slim.load_state_dict(torch.load(work_dir() / slim_file))
+    with safetensors.safe_open(str(WEIGHTS_DIR / file), "pt") as f:
+        meta = f.metadata()
+    mean, std = float(meta["latent_mean"]), float(meta["latent_std"])
+    images, captions = ds.make_dataset(n, seed)
+    out = []
+    with torch.no_grad():
+        for i in range(0, n, 256):
+            x = torch.from_numpy(images[i:i + 256]).permute(0, 3, 1, 2)
+            out.append((slim.encode(x) - mean) / std)
+    latents = torch.cat(out)
+    torch.save({"latents": latents, "captions": captions}, cache)
+    log(f"[{tag}] encoded {n} scenes: latent std {latents.std():.3f} mean {latents.mean():.3f}")
+    return latents, captions
+
+
 def _save_fp16(sd: dict, path: Path, meta: dict) -> None:
     import safetensors.torch
     out = {}

@@ -245,31 +245,8 @@ def write_full(slim_path: Path, out_path: Path | None = None) -> Path:
 
 def _latents(n: int, seed: int, log) -> tuple[torch.Tensor, list[str]]:
     """`n` rendered scenes encoded by the trained 4-channel VAE, in the UNet's latent space."""
-    import safetensors
-    from bench.reference import WEIGHTS_DIR
-    from bench.reference import dataset as ds
-    from bench.reference import vae as rv
-    from bench.reference.train import vae_layout
-    file, slim_file, _ = vae_layout(4)
-    cache = work_dir() / f"latents4_{n}_{seed}.pt"
-    if cache.exists():
-        d = torch.load(cache)
-        return d["latents"], d["captions"]
-    slim = rv.SlimTAESD(4)
-    slim.load_state_dict(torch.load(work_dir() / slim_file))
-    with safetensors.safe_open(str(WEIGHTS_DIR / file), "pt") as f:
-        meta = f.metadata()
-    mean, std = float(meta["latent_mean"]), float(meta["latent_std"])
-    images, captions = ds.make_dataset(n, seed)
-    out = []
-    with torch.no_grad():
-        for i in range(0, n, 256):
-            x = torch.from_numpy(images[i:i + 256]).permute(0, 3, 1, 2)
-            out.append((slim.encode(x) - mean) / std)
-    latents = torch.cat(out)
-    torch.save({"latents": latents, "captions": captions}, cache)
-    log(f"[unet] encoded {n} scenes: latent std {latents.std():.3f} mean {latents.mean():.3f}")
-    return latents, captions
+    from bench.reference.train import encoded_scenes
+    return encoded_scenes(4, n, seed, log, "unet")
 
 
 def _save_slim(dm, step, args):
