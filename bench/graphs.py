@@ -22,6 +22,24 @@ def write_model_files(models_dir, family: str, size: str = "tiny", seed: int = 0
         factory.save_vae(family, models_dir / "vae" / vae, seed)
 
 
+def add_sampling(g: dict, optim: list[tuple[str, dict]], *, seed: int, steps: int, cfg: float,
+                 sampler: str, scheduler: str, filename_prefix: str) -> dict:
+    """Complete a graph that has "unet", "vae", "pos", "neg" and "latent": [optim nodes...] ->
+    KSampler -> VAEDecode -> SaveImage (ids "optim0", ..., "sampler", "decode", "save")."""
+    model = ["unet", 0]
+    for i, (class_type, inputs) in enumerate(optim):
+        g[f"optim{i}"] = {"class_type": class_type, "inputs": {"model": model, **inputs}}
+        model = [f"optim{i}", 0]
+    g["sampler"] = {"class_type": "KSampler", "inputs": {
+        "model": model, "seed": seed, "steps": steps, "cfg": cfg, "sampler_name": sampler,
+        "scheduler": scheduler, "positive": ["pos", 0], "negative": ["neg", 0],
+        "latent_image": ["latent", 0], "denoise": 1.0}}
+    g["decode"] = {"class_type": "VAEDecode", "inputs": {"samples": ["sampler", 0], "vae": ["vae", 0]}}
+    g["save"] = {"class_type": "SaveImage", "inputs": {"images": ["decode", 0],
+                                                       "filename_prefix": filename_prefix}}
+    return g
+
+
 def txt2img(family: str, size: str = "tiny", *, prompt: str = "a red circle", negative: str = "",
             steps: int = 8, cfg: float | None = None, sampler: str = "euler", scheduler: str = "normal",
             seed: int = 0, width: int = 64, height: int = 64, frames: int = 5, batch: int = 1,
@@ -48,15 +66,5 @@ def txt2img(family: str, size: str = "tiny", *, prompt: str = "a red circle", ne
     else:
         g["latent"] = {"class_type": "EmptyLatentImage",
                        "inputs": {"width": width, "height": height, "batch_size": batch}}
-    model = ["unet", 0]
-    for i, (class_type, inputs) in enumerate(optim):
-        g[f"optim{i}"] = {"class_type": class_type, "inputs": {"model": model, **inputs}}
-        model = [f"optim{i}", 0]
-    g["sampler"] = {"class_type": "KSampler", "inputs": {
-        "model": model, "seed": seed, "steps": steps, "cfg": cfg, "sampler_name": sampler,
-        "scheduler": scheduler, "positive": ["pos", 0], "negative": ["neg", 0],
-        "latent_image": ["latent", 0], "denoise": 1.0}}
-    g["decode"] = {"class_type": "VAEDecode", "inputs": {"samples": ["sampler", 0], "vae": ["vae", 0]}}
-    g["save"] = {"class_type": "SaveImage", "inputs": {"images": ["decode", 0],
-                                                       "filename_prefix": filename_prefix}}
-    return g
+    return add_sampling(g, optim, seed=seed, steps=steps, cfg=cfg, sampler=sampler, scheduler=scheduler,
+                        filename_prefix=filename_prefix)

@@ -89,6 +89,13 @@ class OptimGroupOffload(io.ComfyNode):
         return io.NodeOutput(patched)
 
 
+def _attach_module(cls, patcher, params) -> None:
+    """A VAE's or text encoder's patcher: its figures go to the node's badge after each call, the
+    calls of one prompt adding up."""
+    group_offload.attach_module(patcher, params, on_run_end=stats_sender(node_id_of(cls), "group_offload"),
+                                run_id=current_prompt_id)
+
+
 class OptimGroupOffloadVAE(io.ComfyNode):
     """The same streaming for a VAE (VAE -> VAE): its decoder's and encoder's up/down levels are the
     groups; the budget applies whenever ComfyUI loads the VAE."""
@@ -119,8 +126,7 @@ class OptimGroupOffloadVAE(io.ComfyNode):
                                 low_cpu_mem_usage, vram_budget_gb, offload_to_disk)
         patched = copy.copy(vae)               # shares the modules; its own patcher clone
         patched.patcher = vae.patcher.clone()
-        group_offload.attach_module(patched.patcher, params, on_run_end=stats_sender(node_id_of(cls), "group_offload"),
-                                    run_id=current_prompt_id)
+        _attach_module(cls, patched.patcher, params)
         return io.NodeOutput(patched)
 
 
@@ -154,6 +160,5 @@ class OptimGroupOffloadCLIP(io.ComfyNode):
         params = checked_params("OptimGroupOffloadCLIP", offload_type, num_blocks_per_group, use_stream, record_stream,
                                 low_cpu_mem_usage, vram_budget_gb, offload_to_disk)
         patched = clip.clone()
-        group_offload.attach_module(patched.patcher, params, on_run_end=stats_sender(node_id_of(cls), "group_offload"),
-                                    run_id=current_prompt_id)
+        _attach_module(cls, patched.patcher, params)
         return io.NodeOutput(patched)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from bench.graphs import add_sampling
 from bench.reference import WEIGHTS_DIR, text_encoder, work_dir
 
 DIT_FILE = "optim-ref-sd3.safetensors"
@@ -72,18 +73,8 @@ def txt2img(prompt: str, *, negative: str = "", seed: int = 0, steps: int = STEP
         "neg": {"class_type": "CLIPTextEncode", "inputs": {"text": negative, "clip": ["clip", 0]}},
         "latent": {"class_type": spec["latent"], "inputs": {"width": 64, "height": 64, "batch_size": batch}},
     }
-    model = ["unet", 0]
-    for i, (class_type, inputs) in enumerate(optim):
-        g[f"optim{i}"] = {"class_type": class_type, "inputs": {"model": model, **inputs}}
-        model = [f"optim{i}", 0]
-    g["sampler"] = {"class_type": "KSampler", "inputs": {
-        "model": model, "seed": seed, "steps": steps, "cfg": cfg, "sampler_name": sampler,
-        "scheduler": scheduler, "positive": ["pos", 0], "negative": ["neg", 0],
-        "latent_image": ["latent", 0], "denoise": 1.0}}
-    g["decode"] = {"class_type": "VAEDecode", "inputs": {"samples": ["sampler", 0], "vae": ["vae", 0]}}
-    g["save"] = {"class_type": "SaveImage", "inputs": {"images": ["decode", 0],
-                                                       "filename_prefix": filename_prefix}}
-    return g
+    return add_sampling(g, optim, seed=seed, steps=steps, cfg=cfg, sampler=sampler, scheduler=scheduler,
+                        filename_prefix=filename_prefix)
 
 
 class InProcess:
