@@ -1,4 +1,4 @@
-"""Layerwise fp8 casting: fidelity and weight memory of each skip preset against casting
+"""Layerwise 8-bit casting (fp8, and int8 with block scales): fidelity and weight memory of each skip preset against casting
 everything and against ComfyUI's built-in fp8 load (`UNETLoader weight_dtype=fp8_e4m3fn/e5m2`,
 which stores every weight, norms and biases included, in fp8).
 
@@ -34,10 +34,12 @@ ALL_ARMS = (
     ("default", "float8_e4m3fn", ("norms", "embedders", "modulation", "final")),
     ("cast everything e5m2", "float8_e5m2", ()),
     ("default e5m2", "float8_e5m2", ("norms", "embedders", "modulation", "final")),
+    ("int8, cast everything", "int8", ()),
+    ("int8 default", "int8", ("norms", "embedders", "modulation", "final")),
 )
 # what a full-size run on a 2-core CPU can afford (each arm is a whole sampling run)
 QUICK_ARMS = ("cast everything", "cast everything, unscaled", "cast everything, searched scales",
-              "norms+embedders+final", "default", "default e5m2")
+              "norms+embedders+final", "default", "default e5m2", "int8, cast everything", "int8 default")
 
 
 @dataclass

@@ -74,6 +74,8 @@ TECHNIQUES: dict[str, Technique] = {t.name: t for t in [
     Technique("layerwise_fp8_all", "fp8 e4m3fn weight storage of every layer, unscaled (like ComfyUI's fp8 load)",
               (("OptimLayerwiseCast", {**LAYERWISE, "skip_preset": "none (cast everything)",
                                        "per_channel_scale": False}),)),
+    Technique("layerwise_int8", "int8 weight storage with a bf16 scale per 128 weights, family skip list (default preset)",
+              (("OptimLayerwiseCast", {**LAYERWISE, "storage_dtype": "int8"}),)),
     Technique("channels_last", "UNet convolutions in channels_last (NHWC) layout", (("OptimChannelsLast", {}),),
               DEEPCACHE_FAMILIES),
     Technique("attention_sub_quad", "attention routed to ComfyUI's sub-quadratic kernel (vs the start-up SDPA)",

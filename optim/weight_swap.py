@@ -37,6 +37,13 @@ def swap(owner, module: torch.nn.Module, weight: torch.nn.Parameter | None = Non
     return previous
 
 
+def original_weight(owner, module: torch.nn.Module):
+    """The weight `module` holds when nothing is swapped: another clone's injection may be
+    applied to the shared model right now (ComfyUI ejects it only at the next load)."""
+    entry = owner.__dict__.get(REGISTRY, {}).get(id(module))
+    return entry["weight"] if entry is not None else module._parameters.get("weight")
+
+
 def restore_all(owner) -> int:
     """Put every swapped layer back as it was; returns how many."""
     registry = owner.__dict__.pop(REGISTRY, {})

@@ -1,23 +1,34 @@
 """Train the reference models from scratch, reproducibly from a seed, on the CPU (or a GPU).
 
-    python -m bench.reference.train [--stages vae vae-decoder embed dit vae4 vae4-decoder unet] [--seed 0]
+    python -m bench.reference.train [--stages vae vae-decoder embed dit dit-continue vae4 vae4-decoder unet]
+                                    [--seed 0] [--jobs 2]
 
 Stages (each reads what the previous ones left in the work folder, so a stage can be rerun alone):
   vae    the 16-channel TAESD-format VAE (bench/reference/vae.py)
   vae-decoder  more decoder training, encoder frozen (same latents: the DiT stays valid)
   embed  the generated CLIP-L's CLIPTextEncode output for every caption of the grammar
   dit    the SD3-architecture MMDiT (bench/reference/dit.py)
+  dit-continue  a second DiT run from the first one's EMA weights, with a fresh schedule
   vae4   the 4-channel (SD-style latents) TAESD-format VAE, for the UNet
   vae4-decoder  its decoder-only fine-tune
   unet   the SD1.5-architecture UNet, trained slim and shipped slim (bench/reference/unet.py)
 Shipped results go to bench/reference/weights/ (fp16 safetensors); intermediates (the generated
 CLIP-L, slim VAE, encoded latents, embeddings) to ~/.cache/comfyui-optim/reference/.
 Each stage logs its wall time; the totals land in weights/training.json.
+
+With --jobs 2 (the default) the 16-channel chain (vae, vae-decoder, dit, dit-continue) and the
+4-channel chain (vae4, vae4-decoder, unet) run as two single-threaded processes, after `embed`,
+which both denoisers read. Every stage seeds its own generators and runs on one thread either way,
+so the weights are the same as one process running the stages in order; only the wall time halves.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -119,11 +130,57 @@ def stage_vae_decoder(args, log, channels: int = 16) -> dict:
     return {**stats, "latent_channels": channels, "steps": steps, "wall_s": time.time() - t0}
 
 
+STAGES = ("vae", "vae-decoder", "embed", "dit", "dit-continue", "vae4", "vae4-decoder", "unet")
+CHAINS = (("vae", "vae-decoder", "dit", "dit-continue"), ("vae4", "vae4-decoder", "unet"))
+
+
+def stage_dit_continue(args, log) -> dict:
+    from bench.reference import dit
+    return dit.stage_dit(argparse.Namespace(**{**vars(args), "dit_steps": args.dit_continue_steps,
+                                               "dit_lr": args.dit_continue_lr, "dit_resume": True}), log)
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """Two chains update training.json: one read-modify-write at a time."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _run_chains(argv: list[str], stages: list[str], log) -> int:
+    """Run `embed` (if asked) first, then each chain's asked stages in its own process."""
+    base = [a for i, a in enumerate(argv) if not _is_stage_or_jobs_arg(argv, i)]
+    command = [sys.executable, "-m", "bench.reference.train", *base, "--jobs", "1", "--stages"]
+    if "embed" in stages:
+        if subprocess.call(command + ["embed"]):
+            return 1
+    chains = [[s for s in stages if s in chain] for chain in CHAINS]
+    procs = [subprocess.Popen(command + chain) for chain in chains if chain]
+    codes = [p.wait() for p in procs]
+    return max(codes, default=0)
+
+
+def _is_stage_or_jobs_arg(argv: list[str], i: int) -> bool:
+    """Whether argv[i] belongs to --stages or --jobs (which the chains get their own values of)."""
+    flag = None
+    for j in range(i, -1, -1):
+        if argv[j].startswith("--"):
+            flag = argv[j].split("=")[0]
+            break
+    return flag in ("--stages", "--jobs")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.reference.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stages", nargs="+", default=["vae", "vae-decoder", "embed", "dit", "vae4", "vae4-decoder", "unet"],
-                        choices=["vae", "vae-decoder", "embed", "dit", "vae4", "vae4-decoder", "unet"])
+    parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
+    parser.add_argument("--jobs", type=int, default=2, choices=(1, 2),
+                        help="2: the 16- and 4-channel chains in two processes at once (same weights)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vae-steps", type=int, default=1200)
     parser.add_argument("--vae-batch", type=int, default=16)
@@ -139,6 +196,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dit-samples", type=int, default=12000)
     parser.add_argument("--dit-resume", action="store_true",
                         help="start from the shipped DiT weights instead of a fresh init")
+    parser.add_argument("--dit-continue-steps", type=int, default=5000)
+    parser.add_argument("--dit-continue-lr", type=float, default=6e-4)
     parser.add_argument("--unet-steps", type=int, default=5000)
     parser.add_argument("--unet-batch", type=int, default=32)
     parser.add_argument("--unet-lr", type=float, default=1e-3)
@@ -152,7 +211,18 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (0: torch's default; 1 is fastest on a shared 2-core CPU, "
                              "where OpenMP threads otherwise wait on each other)")
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    record_path = WEIGHTS_DIR / "training.json"
+    if args.jobs == 2 and any(s in CHAINS[0] for s in args.stages) and any(s in CHAINS[1] for s in args.stages):
+        t0 = time.time()
+        code = _run_chains(argv, args.stages, print)
+        with _locked(record_path):
+            record = json.loads(record_path.read_text()) if record_path.exists() else {}
+            record["total"] = {"stages": args.stages, "jobs": 2, "wall_s": time.time() - t0, "exit_code": code}
+            record_path.write_text(json.dumps(record, indent=2) + "\n")
+        print(f"== all stages: {time.time() - t0:.0f}s wall, exit code {code}", flush=True)
+        return code
     if args.threads:
         torch.set_num_threads(args.threads)
     comfy_env.load_comfyui_in_process()
@@ -163,13 +233,13 @@ def main(argv=None) -> int:
         with open(log_path, "a") as f:
             f.write(msg + "\n")
 
-    record_path = WEIGHTS_DIR / "training.json"
     stages = {"vae": stage_vae, "vae-decoder": stage_vae_decoder,
               "vae4": lambda a, lg: stage_vae(a, lg, 4), "vae4-decoder": lambda a, lg: stage_vae_decoder(a, lg, 4)}
-    if "embed" in args.stages or "dit" in args.stages:
+    if {"embed", "dit", "dit-continue"} & set(args.stages):
         from bench.reference import dit
         stages["embed"] = dit.stage_embed
         stages["dit"] = dit.stage_dit
+        stages["dit-continue"] = stage_dit_continue
     if "unet" in args.stages:
         from bench.reference import unet
         stages["unet"] = unet.stage_unet
@@ -178,12 +248,13 @@ def main(argv=None) -> int:
         cpu0 = time.process_time()
         result = stages[name](args, log)
         result["cpu_s"] = time.process_time() - cpu0  # wall time on a shared CPU says little
-        record = json.loads(record_path.read_text()) if record_path.exists() else {}
-        record[name] = {**result, "seed": args.seed, "torch_threads": torch.get_num_threads(),
-                        "device": "cpu"}
-        log(f"== stage {name} done: {json.dumps(record[name])}")
-        record_path.parent.mkdir(parents=True, exist_ok=True)
-        record_path.write_text(json.dumps(record, indent=2) + "\n")
+        key = "dit" if name == "dit-continue" else name   # the continued run's record holds both runs
+        with _locked(record_path):
+            record = json.loads(record_path.read_text()) if record_path.exists() else {}
+            record[key] = {**result, "seed": args.seed, "torch_threads": torch.get_num_threads(),
+                           "device": "cpu"}
+            record_path.write_text(json.dumps(record, indent=2) + "\n")
+        log(f"== stage {name} done: {json.dumps(record[key])}")
     return 0
 
 

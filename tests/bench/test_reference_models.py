@@ -82,3 +82,12 @@ def test_shipped_models_follow_prompts(reference):
     # a prompt's image does not fit the other prompts as well as its own
     shuffled = ad.adherence(images, prompts[1:] + prompts[:1])
     assert shuffled["adherence"] < result["adherence"] - 0.15, (result, shuffled)
+
+
+def test_training_chains_cover_every_stage_once_and_keep_the_other_options():
+    from bench.reference import train
+    chained = [s for chain in train.CHAINS for s in chain]
+    assert sorted(chained + ["embed"]) == sorted(train.STAGES) and len(set(chained)) == len(chained)
+    argv = ["--seed", "3", "--stages", "vae", "unet", "--jobs", "2", "--unet-steps", "10"]
+    kept = [a for i, a in enumerate(argv) if not train._is_stage_or_jobs_arg(argv, i)]
+    assert kept == ["--seed", "3", "--unet-steps", "10"]

@@ -71,6 +71,20 @@ def test_scaling_and_e4m3_beat_a_plain_cast_and_e5m2(node, unet):
     assert scaled > plain and scaled > e5m2
 
 
+def test_int8_is_stored_during_sampling_and_beats_e4m3_by_far(node, unet):
+    ref = sample(unet)
+    int8_model = apply(node, unet, storage_dtype="int8")
+    assert dtypes_during_sampling(int8_model, [LINEAR, CONV]) == {LINEAR: torch.int8, CONV: torch.int8}
+    int8 = psnr(ref, sample(int8_model))
+    e4m3 = psnr(ref, sample(apply(node, unet)))
+    assert int8 > e4m3 + 6   # a third of the error is +9.5 dB; generated weights measure more
+    plan = int8_model.layerwise_cast_plan
+    dm = unet.model.diffusion_model
+    scales = sum(lc.scale_bytes(tuple(dm.get_submodule(n).weight.shape), torch.int8, True) for n in plan.names)
+    assert plan.bytes_after * 4 == plan.bytes_before + 4 * scales
+    assert int8_model.model_size() == unet.model_size() - plan.saved_bytes
+
+
 def test_size_accounting_counts_fp8_bytes(node, unet):
     patched = apply(node, unet)
     plan = patched.layerwise_cast_plan
@@ -139,7 +153,7 @@ def test_validation_errors(node):
     msg = node.validate_inputs(**{**ok, "skip_modules_pattern": "img_in|(txt"})
     assert isinstance(msg, str) and "not a valid regular expression" in msg
     assert "class names" in node.validate_inputs(**{**ok, "skip_modules_classes": "Conv2d, 3x"})
-    assert "storage_dtype" in node.validate_inputs(**{**ok, "storage_dtype": "int8"})
+    assert "storage_dtype" in node.validate_inputs(**{**ok, "storage_dtype": "float16"})
     with pytest.raises(ValueError, match="regular expression"):
         node.execute(model=None, skip_modules_pattern="(")
 
@@ -207,12 +221,3 @@ def test_run_stats_are_sent_to_the_frontend(node, unet, monkeypatch):
     assert stats["layers_cast"] == len(plan.names) > 0 and stats["layers_kept"] == len(plan.skipped) > 0
     assert stats["weight_bytes_before"] == before
     assert stats["weight_bytes_after"] == before - plan.saved_bytes   # fp8 weights + fp32 scales
-
-
-def test_scale_search_never_increases_a_channels_rounding_error():
-    w = torch.randn(64, 96, generator=torch.Generator().manual_seed(0)) * 0.02
-    errors = {}
-    for search in (0, 20):
-        q, scale = lc.quantize(w, torch.float8_e4m3fn, True, scale_search=search)
-        errors[search] = (q.float() * scale - w).pow(2).sum(dim=1)
-    assert torch.all(errors[20] <= errors[0]) and errors[20].sum() < errors[0].sum()
