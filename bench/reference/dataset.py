@@ -113,9 +113,11 @@ def _shape_mask(shape: str, cx: np.ndarray, cy: np.ndarray, half: float) -> np.n
     return (rel >= 0) & (rel <= 1) & (np.abs(cx) <= half * rel)
 
 
-def render(scene: Scene, rng: np.random.Generator | None = None) -> np.ndarray:
+def render(scene: Scene, rng: np.random.Generator | None = None,
+           offset: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
     """An RGB float32 image (SIDE, SIDE, 3) in [0, 1]; `rng` jitters sizes and placements within
-    their cells (None: exact nominal layout)."""
+    their cells (None: exact nominal layout); `offset` (dx, dy) in pixels moves every object (the
+    frames of a clip, bench/reference/clips.py)."""
     s = SIDE * SUPERSAMPLE
     coords = (np.arange(s, dtype=np.float32) + 0.5) / SUPERSAMPLE
     gx, gy = np.meshgrid(coords, coords)
@@ -131,7 +133,7 @@ def render(scene: Scene, rng: np.random.Generator | None = None) -> np.ndarray:
         room_x, room_y = min(room_x * 0.6, 5.0), min(room_y * 0.6, 5.0)
         dx = 0.0 if rng is None else float(rng.uniform(-room_x, room_x))
         dy = 0.0 if rng is None else float(rng.uniform(-room_y, room_y))
-        cx, cy = (x0 + x1) / 2 + dx, (y0 + y1) / 2 + dy
+        cx, cy = (x0 + x1) / 2 + dx + offset[0], (y0 + y1) / 2 + dy + offset[1]
         mask |= _shape_mask(scene.shape, gx - cx, gy - cy, obj / 2)
     img = np.empty((s, s, 3), dtype=np.float32)
     img[:] = BACKGROUNDS[scene.background]
