@@ -322,3 +322,16 @@ def test_accounting_stays_true_under_the_fp8_cast_across_runs(node, comfy_nodes,
         sample(off, "wan21")
         assert off.loaded_size() - loaded_weights(off) == residual
         assert 0 < off.loaded_size() <= plain.loaded_size()
+
+
+def test_int8_cast_streams_through_the_offload_unchanged(node, comfy_nodes):
+    """int8 storage (with its block scales in the layers' weight functions) under group offload:
+    the same output as the cast alone, prompt after prompt."""
+    wan = factory.build_model("wan21")
+    cast = comfy_nodes.NODE_CLASS_MAPPINGS["OptimLayerwiseCast"].execute(model=wan, storage_dtype="int8").result[0]
+    ref = sample(cast, "wan21")
+    off = apply(node, cast, num_blocks_per_group=2, vram_budget_gb=0.0)
+    for _ in range(2):
+        assert torch.equal(sample(off, "wan21"), ref)
+        assert off.loaded_size() > 0
+    assert not torch.equal(ref, sample(wan, "wan21"))
