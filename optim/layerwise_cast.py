@@ -19,6 +19,7 @@ by measurement: see bench/layerwise_fidelity.py), a user regex and user class na
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Callable
@@ -175,13 +176,15 @@ class CastPlan:
                 "skipped_by_reason": by_reason, "saved_mb": round(self.saved_bytes / 2**20, 2)}
 
 
+def _inputs_per_channel(weight_shape) -> int:
+    return math.prod(weight_shape[1:])
+
+
 def int8_block(weight_shape) -> int:
     """Block length along a channel's flattened inputs: the largest divisor of their count between
     INT8_BLOCK / 4 and INT8_BLOCK (a 3x3 conv on 320 channels has 2880 inputs: blocks of 120), else
     the whole channel (one scale per output channel)."""
-    per_channel = 1
-    for d in weight_shape[1:]:
-        per_channel *= d
+    per_channel = _inputs_per_channel(weight_shape)
     for block in range(min(INT8_BLOCK, per_channel), INT8_BLOCK // 4 - 1, -1):
         if per_channel % block == 0:
             return block
@@ -191,10 +194,7 @@ def int8_block(weight_shape) -> int:
 def scale_bytes(weight_shape, storage_dtype: torch.dtype, scaled: bool) -> int:
     """Bytes of the scales `quantize` stores beside a weight of this shape."""
     if storage_dtype == torch.int8:
-        per_channel = 1
-        for d in weight_shape[1:]:
-            per_channel *= d
-        return weight_shape[0] * (per_channel // int8_block(weight_shape)) * 2   # bf16
+        return weight_shape[0] * (_inputs_per_channel(weight_shape) // int8_block(weight_shape)) * 2   # bf16
     return weight_shape[0] * 4 if scaled else 0                                  # fp32, per channel
 
 
