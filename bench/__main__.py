@@ -90,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     layerwise.add_argument("--width", type=_positive, default=256)
     layerwise.add_argument("--height", type=_positive, default=256)
     layerwise.add_argument("--all-arms", action="store_true", help="every skip-group ablation, not the quick set")
+    layerwise.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                           help="cuda: compute on the GPU (not yet run on a GPU)")
     layerwise.add_argument("--out", type=Path, default=None)
     vae = sub.add_parser("vae", help="OptimVAE against VAE Decode and VAE Decode/Encode (Tiled) on the SD VAE "
                          "at real size: speed, fidelity, seams, peak memory")
@@ -103,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     vae.add_argument("--video-frames", type=_positive, default=13, help="latent frames of the Wan video run")
     vae.add_argument("--video-side", type=_positive, default=24, help="latent cells per side of the Wan video run")
     vae.add_argument("--video-chunk", type=_positive, default=1, help="OptimVAE temporal_chunk in the video run")
+    vae.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                     help="cuda: peak memory is VRAM (not yet run on a GPU)")
     vae.add_argument("--out", type=Path, default=None)
     ref = sub.add_parser("reference", help="caching techniques on the trained reference DiT or UNet: "
                          "speedup, prompt adherence, PSNR, SSIM (bench/reference/bench.py)")
@@ -148,14 +152,15 @@ def main(argv: list[str] | None = None) -> int:
                                                   repeats=args.repeats, memory_size=args.memory_size,
                                                   video=not args.no_video, speed=not args.no_speed,
                                                   video_frames=args.video_frames, video_side=args.video_side,
-                                                  video_chunk=args.video_chunk))
+                                                  video_chunk=args.video_chunk, device=args.device))
         print(vae_bench.summary(result))
         print(f"saved {vae_bench.save(result, args.out)}")
         return 0
     if args.command == "layerwise":
         from bench import layerwise_fidelity as lf
         result = lf.run(lf.Settings(family=args.model, size=args.size, steps=args.steps, cfg=args.cfg,
-                                    width=args.width, height=args.height, all_arms=args.all_arms))
+                                    width=args.width, height=args.height, all_arms=args.all_arms,
+                                    device=args.device))
         print(lf.summary(result))
         print(f"saved {lf.save(result, args.out)}")
         return 0
