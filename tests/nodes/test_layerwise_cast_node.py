@@ -196,6 +196,9 @@ def test_clip_variant_casts_the_text_encoder_on_its_clone_only(comfy_nodes):
         out = cast.encode_from_tokens(tokens)
         assert not torch.equal(out, ref) and psnr(ref, out) > 25
         assert torch.equal(clip.encode_from_tokens(tokens), ref)
+        int8 = cast_node.execute(clip=clip, storage_dtype="int8").result[0]
+        assert psnr(ref, int8.encode_from_tokens(tokens)) > psnr(ref, out) + 6
+        assert torch.equal(clip.encode_from_tokens(tokens), ref)
 
 
 def test_run_stats_are_sent_to_the_frontend(node, unet, monkeypatch):
