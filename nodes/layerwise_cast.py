@@ -65,9 +65,9 @@ class OptimLayerwiseCast(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="OptimLayerwiseCast",
-            display_name="Optim Layerwise Cast (fp8 storage)",
+            display_name="Optim Layerwise Cast (fp8 / int8 storage)",
             category="optim/memory",
-            description="Stores the diffusion model's weights in fp8 and upcasts each layer at its "
+            description="Stores the diffusion model's weights in 8 bits (fp8, or int8 with block scales) and upcasts each layer at its "
                         "forward, after LoRA patching; norms, embedders, modulation and final layers "
                         "stay in high precision. Works on this branch's clone only.",
             inputs=_inputs(io.Model.Input("model")),
@@ -98,7 +98,7 @@ class OptimLayerwiseCast(io.ComfyNode):
                          lc.STORAGE_DTYPES[storage_dtype], lc.COMPUTE_DTYPES[compute_dtype],
                          scaled=per_channel_scale, on_stats=stats_sender(node_id_of(cls), "layerwise_cast"))
         if not plan.names:
-            log.warning("OptimLayerwiseCast: every layer of %s is skipped; nothing is stored in fp8",
+            log.warning("OptimLayerwiseCast: every layer of %s is skipped; nothing is stored in 8 bits",
                         type(dm).__name__)
         log.info("OptimLayerwiseCast on %s (%s): %s", type(dm).__name__, family, plan.summary())
         return io.NodeOutput(patched)
@@ -109,9 +109,9 @@ class OptimLayerwiseCastCLIP(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="OptimLayerwiseCastCLIP",
-            display_name="Optim Layerwise Cast CLIP (fp8 storage)",
+            display_name="Optim Layerwise Cast CLIP (fp8 / int8 storage)",
             category="optim/memory",
-            description="Stores the text encoder's weights in fp8 and upcasts each layer at its "
+            description="Stores the text encoder's weights in 8 bits (fp8, or int8 with block scales) and upcasts each layer at its "
                         "forward (after LoRA patching); embeddings, norms and projections stay in "
                         "high precision.",
             inputs=_inputs(io.Clip.Input("clip")),

@@ -321,7 +321,8 @@ class LayerwiseCast:
                 self._saving[name] = w.numel() * w.element_size() - fp8.numel() * fp8.element_size()
                 saved += self._saving[name] - (scale.numel() * scale.element_size() if scale is not None else 0)
         self._count_loaded(patcher, modules, -1)
-        self.last_stats = {"layers_cast": cast, "layers_kept": self.kept + len(self.names) - cast,
+        self.last_stats = {"storage_dtype": str(self.storage_dtype).removeprefix("torch."),
+                           "layers_cast": cast, "layers_kept": self.kept + len(self.names) - cast,
                            "weight_bytes_before": before, "weight_bytes_after": before - saved}
         if self.on_stats is not None:
             self.on_stats(dict(self.last_stats))

@@ -13,7 +13,7 @@ export const TECHNIQUE_LABELS = {
   tgate: "T-GATE",
   ditcache: "DiT cache",
   group_offload: "Group offload",
-  layerwise_cast: "fp8 cast",
+  layerwise_cast: "8-bit cast",
   vae: "VAE",
   vae_tiling: "VAE tiling",
   device_placement: "Device placement",
@@ -121,8 +121,9 @@ function vaeParts(s, push, take) {
 function castParts(s, push, take) {
   const cast = isNumber(s.layers_cast) ? s.layers_cast : s.cast_layers;
   const kept = isNumber(s.layers_kept) ? s.layers_kept : s.skipped_layers;
-  take("layers_cast", "cast_layers", "layers_kept", "skipped_layers", "saved_mb");
-  if (isNumber(cast)) push(`${cast} layers fp8${isNumber(kept) ? `, ${kept} kept` : ""}`);
+  take("layers_cast", "cast_layers", "layers_kept", "skipped_layers", "saved_mb", "storage_dtype");
+  const storage = s.storage_dtype === "int8" ? "int8" : "fp8";
+  if (isNumber(cast)) push(`${cast} layers ${storage}${isNumber(kept) ? `, ${kept} kept` : ""}`);
   const before = s.weight_bytes_before, after = s.weight_bytes_after;
   if (isNumber(before) && isNumber(after)) {
     const change = before > 0 ? ` (${after <= before ? "−" : "+"}${Math.round(Math.abs(1 - after / before) * 100)}%)` : "";

@@ -130,7 +130,9 @@ test("layerwise cast: layers in fp8 and kept, weight bytes before and after", ()
   const stats = { layers_cast: 412, layers_kept: 37, weight_bytes_before: 4.8 * 2 ** 30, weight_bytes_after: 2.4 * 2 ** 30 };
   assert.equal(summarize(stats, "layerwise_cast"), "412 layers fp8, 37 kept · weights 4.80 GiB → 2.40 GiB (−50%)");
   assert.deepEqual(badgeLines([{ technique: "layerwise_cast", stats }]),
-    ["fp8 cast: 412 layers fp8, 37 kept · weights 4.80 GiB → 2.40 GiB (−50%)"]);
+    ["8-bit cast: 412 layers fp8, 37 kept · weights 4.80 GiB → 2.40 GiB (−50%)"]);
+  assert.equal(summarize({ ...stats, storage_dtype: "int8" }, "layerwise_cast"),
+    "412 layers int8, 37 kept · weights 4.80 GiB → 2.40 GiB (−50%)");
   assert.equal(kindOf("layerwise_cast", stats), "memory");
   // the plan's own keys (cast_layers, skipped_layers, saved_mb) read the same way
   assert.equal(summarize({ cast_layers: 20, skipped_layers: 17, saved_mb: 4.48 }, "layerwise_cast"),
