@@ -228,8 +228,11 @@ class Rescale:
         self.scale = scale
 
     def __call__(self, weight: torch.Tensor) -> torch.Tensor:
-        s = self.scale.to(device=weight.device, dtype=weight.dtype)
-        return (weight.reshape(s.shape[0], s.shape[1], -1) * s).reshape(weight.shape)
+        s = self.scale.to(device=weight.device)
+        blocks = weight.reshape(s.shape[0], s.shape[1], -1)
+        if weight.dtype == torch.float16:   # a scale below 6e-5 is subnormal in fp16: multiply in fp32
+            return (blocks.float() * s.float()).reshape(weight.shape).to(torch.float16)
+        return (blocks * s.to(weight.dtype)).reshape(weight.shape)
 
 
 def quantize_int8(source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -61,6 +61,14 @@ def test_rescale_works_in_half_precision_compute():
     assert s8.shape == (32, 1, 1) and rel_rms(dequantize(q8, s8), w) < 0.04
 
 
+def test_small_weights_keep_their_precision_in_fp16_compute():
+    w = torch.randn(16, 256, generator=torch.Generator().manual_seed(2)) * 1e-4   # scales ~3e-6 / ~1e-6
+    for dtype in (torch.int8, torch.float8_e4m3fn):
+        q, scale = lc.quantize(w, dtype, scaled=True)
+        # scales cast to fp16 (subnormal there) gave 1.4-1.6x the fp32 error
+        assert rel_rms(dequantize(q, scale, torch.float16), w) < 1.05 * rel_rms(dequantize(q, scale), w)
+
+
 def test_scale_search_never_increases_a_channels_rounding_error():
     w = torch.randn(64, 96, generator=torch.Generator().manual_seed(0)) * 0.02
     errors = {}
