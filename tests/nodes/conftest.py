@@ -1,5 +1,29 @@
+import sys
+import types
+
 import pytest
 import torch
+
+
+class FakeServer:
+    """Stands in for ComfyUI's PromptServer: records what the nodes send (event, data, sid)."""
+    client_id, last_prompt_id = "tab-1", "p1"
+
+    def __init__(self):
+        self.sent = []
+
+    def send_sync(self, event, data, sid=None):
+        self.sent.append((event, data, sid))
+
+
+@pytest.fixture
+def server(monkeypatch):
+    """A FakeServer installed as `server.PromptServer.instance` for the test."""
+    srv = FakeServer()
+    fake = types.ModuleType("server")
+    fake.PromptServer = type("PromptServer", (), {"instance": srv})
+    monkeypatch.setitem(sys.modules, "server", fake)
+    return srv
 
 
 @pytest.fixture

@@ -201,23 +201,12 @@ def test_clip_variant_casts_the_text_encoder_on_its_clone_only(comfy_nodes):
         assert torch.equal(clip.encode_from_tokens(tokens), ref)
 
 
-def test_run_stats_are_sent_to_the_frontend(node, unet, monkeypatch):
-    import sys
-    import types
+def test_run_stats_are_sent_to_the_frontend(node, unet, server):
     from comfy_api.latest import io
-    sent = []
-
-    class FakeServer:
-        client_id, last_prompt_id = "tab-1", "p1"
-
-        def send_sync(self, event, data, sid=None):
-            sent.append((event, data))
-    fake = types.ModuleType("server")
-    fake.PromptServer = type("PromptServer", (), {"instance": FakeServer()})
-    monkeypatch.setitem(sys.modules, "server", fake)
     before = sum(p.numel() * p.element_size() for p in unet.model.diffusion_model.parameters())
     patched = node.PREPARE_CLASS_CLONE({io.Hidden.unique_id: "9"}).execute(model=unet).result[0]
     sample(patched, steps=1)
+    sent = [(event, data) for event, data, _ in server.sent]
     assert sent and all((e, d["node"], d["technique"]) == ("comfyui-optim.stats", "9", "layerwise_cast")
                         for e, d in sent)
     stats, plan = sent[-1][1]["stats"], patched.layerwise_cast_plan

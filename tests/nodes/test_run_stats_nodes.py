@@ -14,25 +14,6 @@ import torch
 from bench import factory
 
 
-class FakeServer:
-    client_id, last_prompt_id = "tab-1", "p1"
-
-    def __init__(self):
-        self.sent = []
-
-    def send_sync(self, event, data, sid=None):
-        self.sent.append((event, data, sid))
-
-
-@pytest.fixture
-def server(monkeypatch):
-    srv = FakeServer()
-    fake = types.ModuleType("server")
-    fake.PromptServer = type("PromptServer", (), {"instance": srv})
-    monkeypatch.setitem(sys.modules, "server", fake)
-    return srv
-
-
 def as_run_by_comfyui(monkeypatch, cls, node_id):
     """ComfyUI runs a V3 node on a clone of its class carrying the hidden inputs (its id)."""
     monkeypatch.setattr(cls, "hidden", types.SimpleNamespace(unique_id=node_id), raising=False)

@@ -184,24 +184,13 @@ def test_temporal_chunk_validation_and_images_ignore_it(node, vae):
     assert torch.equal(wrap(node, vae, tiling="off", temporal_chunk=2).decode(z), vae.decode(z))
 
 
-def test_run_stats_are_sent_to_the_frontend(node, vae, wan, monkeypatch):
-    import sys
-    import types
+def test_run_stats_are_sent_to_the_frontend(node, vae, wan, server):
     from comfy_api.latest import io
-    sent = []
-
-    class FakeServer:
-        client_id, last_prompt_id = "tab-1", "p1"
-
-        def send_sync(self, event, data, sid=None):
-            sent.append((event, data))
-    fake = types.ModuleType("server")
-    fake.PromptServer = type("PromptServer", (), {"instance": FakeServer()})
-    monkeypatch.setitem(sys.modules, "server", fake)
     clone = node.PREPARE_CLASS_CLONE({io.Hidden.unique_id: "5"})
     args = dict(tiling="always", tile_size=64, overlap=16, slice_size=0, vram_budget_gb=0.0)
     clone.execute(vae=vae, **args).result[0].decode(vae.encode(smooth_image(128, 128)))
     clone.execute(vae=wan, **{**args, "tiling": "off", "temporal_chunk": 2}).result[0].decode(video_latent(3))
+    sent = [(event, data) for event, data, _ in server.sent]
     assert [(e, d["node"], d["technique"]) for e, d in sent] == [("comfyui-optim.stats", "5", "vae")] * 2
     image, video = sent[0][1]["stats"], sent[1][1]["stats"]
     assert image["tiles"] == 9 and image["passes"] == 1 and image["tile_size"] == 64 and image["temporal_chunks"] == 0
