@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from bench.reference import WEIGHTS_DIR, graphs
-from bench.reference import adherence as ad
 from bench.reference import dataset as ds
+from tests.bench.prompt_following import assert_follows_prompts
 
 SHIPPED = [WEIGHTS_DIR / graphs.DIT_FILE, WEIGHTS_DIR / graphs.VAE_FILE]
 
@@ -70,18 +70,7 @@ def test_shipped_weights_fit_the_budget_and_load_as_their_architectures(referenc
 
 
 def test_shipped_models_follow_prompts(reference):
-    prompts = ds.PROMPTS[:6]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a 1.3M-parameter model: a second OpenMP thread only waits (20x slower on a busy CPU)
-    try:
-        images = [reference.sample(p, seed=i)[0].numpy() for i, p in enumerate(prompts)]
-    finally:
-        torch.set_num_threads(threads)
-    result = ad.adherence(images, prompts)
-    assert result["adherence"] >= 0.6, result
-    # a prompt's image does not fit the other prompts as well as its own
-    shuffled = ad.adherence(images, prompts[1:] + prompts[:1])
-    assert shuffled["adherence"] < result["adherence"] - 0.15, (result, shuffled)
+    assert_follows_prompts(reference, ds.PROMPTS[:6])
 
 
 def test_training_chains_cover_every_stage_once_and_keep_the_other_options():

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from bench.reference import WEIGHTS_DIR, graphs
-from bench.reference import adherence as ad
 from bench.reference import dataset as ds
+from tests.bench.prompt_following import assert_follows_prompts
 
 
 def _random_slim(seed: int) -> tuple:
@@ -101,17 +101,7 @@ def test_shipped_unet_loads_as_sd15_and_follows_prompts(reference_unet):
     import comfy.supported_models
     assert type(reference_unet.model.model.model_config) is comfy.supported_models.SD15
     assert reference_unet.vae.latent_channels == 4
-    prompts = ds.PROMPTS[:4]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        images = [reference_unet.sample(p, seed=i)[0].numpy() for i, p in enumerate(prompts)]
-    finally:
-        torch.set_num_threads(threads)
-    result = ad.adherence(images, prompts)
-    assert result["adherence"] >= 0.6, result
-    shuffled = ad.adherence(images, prompts[1:] + prompts[:1])
-    assert shuffled["adherence"] < result["adherence"] - 0.15, (result, shuffled)
+    assert_follows_prompts(reference_unet, ds.PROMPTS[:4])
 
 
 def test_digest_sees_every_bit():
